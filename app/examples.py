@@ -1,0 +1,69 @@
+"""Example gallery: real medical images that install offline with the app's own dependencies.
+
+pydicom ships CT and MR test files and scikit-image ships a fundus photo, an IHC slide and a
+microaneurysm image; all are on disk after `pip install`, so the gallery never downloads.
+pydicom's `get_testdata_files` only lists bundled files (`get_testdata_file` would try a
+download for a missing name and stall for ~20 s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Example:
+    title: str
+    path: Path
+    questions: tuple[str, ...]
+
+
+def _pydicom_file(name: str) -> Path | None:
+    from pydicom.data import get_testdata_files
+
+    found = get_testdata_files(name)
+    return Path(found[0]) if found else None
+
+
+def _skimage_file(name: str) -> Path | None:
+    import skimage
+
+    path = Path(skimage.__file__).parent / "data" / name
+    return path if path.is_file() else None
+
+
+# (title, finder, file name, suggested questions)
+CATALOGUE = (
+    ("CT (pydicom CT_small)", _pydicom_file, "CT_small.dcm",
+     ("What imaging modality is this?", "Which body region is shown?", "Describe any abnormality.")),
+    ("MR (pydicom MR_small)", _pydicom_file, "MR_small.dcm",
+     ("What imaging modality is this?", "Which plane is this slice in?", "Describe the visible structures.")),
+    ("Fundus photo (scikit-image retina)", _skimage_file, "retina.jpg",
+     ("Is the optic disc visible?", "Describe the retinal vessels.", "Are there signs of retinopathy?")),
+    ("Immunohistochemistry (scikit-image ihc)", _skimage_file, "ihc.png",
+     ("What kind of image is this?", "Which stains are visible?", "Describe the tissue.")),
+    ("Retinal microaneurysms (scikit-image)", _skimage_file, "microaneurysms.png",
+     ("What abnormality is visible?", "Where are the small red dots?", "What condition could cause this?")),
+)
+
+
+def find_examples() -> list[Example]:
+    """The catalogue's images that exist on this machine (a missing package just drops its rows)."""
+    examples = []
+    for title, finder, name, questions in CATALOGUE:
+        try:
+            path = finder(name)
+        except ImportError:
+            path = None
+        if path is not None:
+            examples.append(Example(title, path, questions))
+    return examples
+
+
+def thumbnail(image: Image.Image, side: int = 160) -> Image.Image:
+    copy = image.convert("RGB")
+    copy.thumbnail((side, side))
+    return copy
