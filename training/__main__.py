@@ -1,0 +1,36 @@
+"""Command line: `python -m training {run,show-recipe,convert,dedup,check,zoom-stats,eval,...} ...`.
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`,
+imported only when used, so `show-recipe` and `convert` start without torch. Another module
+registers a subcommand by adding one line to COMMANDS.
+"""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("training.trainer", "train one recipe stage (also under `accelerate launch`)"),
+    "show-recipe": ("training.recipe", "print a resolved recipe (--json for machines)"),
+    "convert": ("training.convert", "convert an official benchmark layout to LLaVA-style JSONL"),
+    "dedup": ("training.dedup", "drop duplicate (image content, instruction) records"),
+    "check": ("training.check", "report missing images, empty answers and over-long samples"),
+    "zoom-stats": ("training.zoom_stats", "CDF of zoom ratios over a dataset (paper figure 4)"),
+    "eval": ("training.evaluate", "score a model on a biomedical benchmark (paper tables 5 and 6)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    command_parser = argparse.ArgumentParser(prog=f"python -m training {args.command}")
+    module.add_arguments(command_parser)
+    return module.run(command_parser.parse_args(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
