@@ -1,0 +1,308 @@
+"""Questions and answers of the offline medical set, one function per question family.
+
+Each answer is a fact we know about the image (from its source's metadata or from what we drew),
+so every sample is exactly right. Closed questions are yes/no or name their options in the
+question, and `Balancer` keeps yes/no answers and option positions at ~50/50, so that a model
+that ignores the image scores at chance.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from training.offline_med_render import (
+    QUADRANTS,
+    WINDOWS,
+    draw_blob,
+    draw_label,
+    draw_lesion,
+    draw_marker,
+    foreground_point,
+    quadrant,
+    random_label,
+    upsample_canvas,
+)
+from training.offline_med_sources import View
+
+MODALITIES = ("CT", "MRI", "ultrasound", "fundus photograph", "histology")
+REGIONS = ("head", "chest", "abdomen", "eye", "tissue")
+PLANES = ("axial", "coronal", "sagittal")
+MODALITY_LONG = {
+    "CT": "a computed tomography (CT) image",
+    "MRI": "a magnetic resonance imaging (MRI) image",
+    "ultrasound": "an ultrasound image",
+    "fundus photograph": "a colour fundus photograph of the retina",
+    "histology": "a histology image of a tissue section stained by immunohistochemistry (IHC)",
+}
+PLANE_LONG = {
+    "axial": "the axial plane, which divides the body into upper and lower parts",
+    "coronal": "the coronal plane, which divides the body into front and back parts",
+    "sagittal": "the sagittal plane, which divides the body into left and right parts",
+}
+WINDOW_USE = {
+    "brain": "separates grey and white matter but shows bone as plain white",
+    "bone": "shows the detail of bone while soft tissue looks uniformly grey",
+    "soft tissue": "shows fat, muscle and organs, with bone bright and air black",
+}
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short caption for this image.",
+    "What does this image show?",
+    "Summarise the visual content of the image.",
+)
+
+
+@dataclass
+class Turn:
+    """One question and its answer; `options` is set for closed questions only."""
+
+    question: str
+    answer: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass
+class Sample:
+    """A conversation about one image. `image_key` names a shared view image (written once);
+    derived images (marks, lesions, canvases) have none and are written for this sample only."""
+
+    family: str
+    source: str
+    image: Image.Image
+    turns: list[Turn]
+    image_key: str | None = None
+
+    @property
+    def answer_type(self) -> str:
+        return "closed" if all(t.options for t in self.turns) else "open"
+
+
+@dataclass
+class Balancer:
+    """Deals yes/no (or first/second) from shuffled decks of two, one deck per question kind,
+    so every kind is balanced to within one answer in every split."""
+
+    rng: random.Random
+    decks: dict[str, list[bool]] = field(default_factory=dict)
+
+    def flip(self, kind: str) -> bool:
+        deck = self.decks.setdefault(kind, [])
+        if not deck:
+            deck += [True, False]
+            self.rng.shuffle(deck)
+        return deck.pop()
+
+
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def or_list(options: list[str]) -> str:
+    """'a or b' / 'a, b or c', the way options are named in a question."""
+    return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
+
+
+def closed_yes_no(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
+    """'Is this X?' with X the truth or, half of the time, another member of the vocabulary."""
+    asked = truth if bal.flip(f"{kind}:yes") else rng.choice([v for v in vocab if v != truth])
+    return Turn(template.format(asked) + " Answer yes or no.", yes_no(asked == truth), ("yes", "no"))
+
+
+def closed_choice(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str, n: int = 2) -> Turn:
+    """Choose-one with the options named in the question; the truth's position is balanced."""
+    others = rng.sample([v for v in vocab if v != truth], min(n - 1, len(vocab) - 1))
+    options = [truth, *others] if bal.flip(f"{kind}:first") else [*others, truth]
+    if len(options) > 2:
+        rng.shuffle(options)
+    return Turn(template.format(or_list(options)), truth, tuple(options))
+
+
+def fact_turn(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], phrasing: tuple[str, str, str]) -> Turn:
+    """One question about a categorical fact, as yes/no, choose-one or open short answer."""
+    yes_no_t, choice_t, open_t = phrasing
+    form = rng.choices(("yes_no", "choice", "open"), weights=(0.35, 0.35, 0.3))[0]
+    if form == "yes_no":
+        return closed_yes_no(rng, bal, kind, truth, vocab, yes_no_t)
+    if form == "choice":
+        return closed_choice(rng, bal, kind, truth, vocab, choice_t, n=3 if kind == "plane" else 2)
+    return Turn(open_t, truth)
+
+
+PHRASING = {
+    "modality": ("Is the imaging modality {}?", "What imaging modality is this: {}?", "What imaging modality was used for this image?"),
+    "body_region": ("Does this image show the {}?", "Which body region is shown: {}?", "Which body region does this image show?"),
+    "plane": ("Is this slice in the {} plane?", "In which plane is this slice: {}?", "In which anatomical plane is this slice?"),
+    "window": ("Is this CT displayed in a {} window?", "Which CT window is used here: {}?", "Which CT window is this image displayed in?"),
+}
+
+
+def facts_of(view: View) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The categorical facts a view can be asked about: family -> (truth, vocabulary)."""
+    facts = {"modality": (view.modality, MODALITIES)}
+    if view.body_region:
+        facts["body_region"] = (view.body_region, REGIONS)
+    if view.plane:
+        facts["plane"] = (view.plane, PLANES)
+    if view.window:
+        facts["window"] = (view.window, tuple(WINDOWS))
+    return facts
+
+
+def caption(view: View) -> str:
+    """A one-line caption from the view's facts (stage 1)."""
+    text = MODALITY_LONG[view.modality]
+    if view.plane:
+        text = f"{text[0].upper()}{text[1:]}, {view.plane} slice"
+    if view.body_region and view.body_region not in ("eye", "tissue"):
+        text += f" of the {view.body_region}"
+    if view.window:
+        text += f", shown in a {view.window} window"
+    return text[0].upper() + text[1:] + "."
+
+
+def description(view: View) -> str:
+    """A long answer: every known fact in full sentences."""
+    sentences = [f"This is {MODALITY_LONG[view.modality]}."]
+    if view.body_region and view.body_region not in ("eye", "tissue"):
+        sentences.append(f"It shows the {view.body_region}.")
+    if view.plane:
+        sentences.append(f"The slice is in {PLANE_LONG[view.plane]}.")
+    if view.window:
+        centre, width = WINDOWS[view.window]
+        sentences.append(f"It is displayed in a {view.window} window (centre {centre} HU, width {width} HU), which {WINDOW_USE[view.window]}.")
+    if view.midline_x is not None:
+        sentences.append("By the radiological convention, the patient's left is on the right of the image.")
+    return " ".join(sentences)
+
+
+def fact_samples(view: View, key: str, rng: random.Random, bal: Balancer) -> Iterator[Sample]:
+    """One question per known fact of a view, and sometimes a long description."""
+    for family, (truth, vocab) in facts_of(view).items():
+        yield Sample(family, view.source, view.image, [fact_turn(rng, bal, family, truth, vocab, PHRASING[family])], key)
+    if rng.random() < 0.3:
+        turn = Turn(rng.choice(("Describe this image in detail.", "Write a short report of what this image shows.")), description(view))
+        yield Sample("description", view.source, view.image, [turn], key)
+
+
+def caption_sample(view: View, key: str, rng: random.Random) -> Sample:
+    return Sample("caption", view.source, view.image, [Turn(rng.choice(CAPTION_PROMPTS), caption(view))], key)
+
+
+def multi_turn_sample(view: View, key: str, rng: random.Random, bal: Balancer) -> Sample:
+    """A conversation of two to four questions about the same image, ending with a description."""
+    facts = list(facts_of(view).items())
+    rng.shuffle(facts)
+    turns = [fact_turn(rng, bal, family, truth, vocab, PHRASING[family]) for family, (truth, vocab) in facts[:3]]
+    turns.append(Turn("Now describe the image in detail.", description(view)))
+    return Sample("multi_turn", view.source, view.image, turns, key)
+
+
+def finding_sample(view: View, rng: random.Random, bal: Balancer) -> Sample:
+    """A simulated lesion (6-10% of the width, visible at any resolution): presence or location."""
+    if rng.random() < 0.35:
+        image, drawn = draw_lesion(view.image, rng)
+        where = quadrant(drawn.x, drawn.y, image.width, image.height)
+        if rng.random() < 0.5:
+            turn = closed_choice(rng, bal, "finding_quadrant", where, QUADRANTS, "A simulated round lesion was added to this image. In which image quadrant is it: {}?", n=4)
+        else:
+            turn = Turn("A simulated round lesion was added to this image. Where is it?", f"{where} quadrant")
+        return Sample("finding", view.source, image, [turn])
+    present = bal.flip("finding:yes")
+    image = draw_lesion(view.image, rng)[0] if present else view.image.copy()
+    turn = Turn("Is there a simulated round lesion (a focal round spot added to the image)? Answer yes or no.", yes_no(present), ("yes", "no"))
+    return Sample("finding", view.source, image, [turn])
+
+
+RADIOLOGICAL = "Images follow the radiological convention: the patient's left is on the image's right."
+
+
+def laterality_sample(view: View, rng: random.Random, bal: Balancer) -> Sample | None:
+    """Mark a point in one hemisphere and ask which side of the patient it is on."""
+    left = bal.flip("laterality:left")
+    offset = 0.08 * view.image.width
+    point = None
+    for _ in range(50):
+        x, y = foreground_point(view.image, rng, margin=0.1)
+        if (x > view.midline_x + offset) == left and abs(x - view.midline_x) > offset:
+            point = (x, y)
+            break
+    if point is None:
+        return None
+    side = "left" if left else "right"
+    image = draw_marker(view.image, *point)
+    form = rng.random()
+    if form < 0.4:
+        turn = Turn(f"{RADIOLOGICAL} Is the point marked by the red circle on the patient's left or right side?", side, ("left", "right"))
+    elif form < 0.8:
+        asked = side if bal.flip("laterality:yes") else ("right" if left else "left")
+        turn = Turn(f"{RADIOLOGICAL} Is the point marked by the red circle on the patient's {asked} side? Answer yes or no.", yes_no(asked == side), ("yes", "no"))
+    else:
+        turn = Turn(f"{RADIOLOGICAL} On which side of the patient is the marked point?", side)
+    return Sample("laterality", view.source, image, [turn])
+
+
+def stable_label_point(labels: np.ndarray, rng: random.Random) -> tuple[int, int, int] | None:
+    """A pixel whose 7x7 neighbourhood is one atlas region, so a small mark is unambiguous."""
+    ys, xs = np.nonzero(labels > 0)
+    for _ in range(100):
+        if len(xs) == 0:
+            return None
+        i = rng.randrange(len(xs))
+        y, x = int(ys[i]), int(xs[i])
+        patch = labels[max(0, y - 3) : y + 4, max(0, x - 3) : x + 4]
+        if patch.size == 49 and (patch == labels[y, x]).all():
+            return x, y, int(labels[y, x])
+    return None
+
+
+def atlas_sample(view: View, names: dict[int, str], rng: random.Random, bal: Balancer) -> Sample | None:
+    """Mark a point and ask for its AAL region (Colin27): yes/no, two-choice or open."""
+    found = stable_label_point(view.atlas, rng)
+    if found is None:
+        return None
+    x, y, label = found
+    truth = names[label]
+    in_slice = [names[v] for v in np.unique(view.atlas) if v > 0 and v != label and v in names]
+    if not in_slice:
+        return None
+    image = draw_marker(view.image, x, y)
+    prefix = "The red circle marks a point in the brain."
+    form = rng.random()
+    if form < 0.35:
+        asked = truth if bal.flip("atlas:yes") else rng.choice(in_slice)
+        turn = Turn(f"{prefix} Is the marked point in the {asked} (AAL atlas)? Answer yes or no.", yes_no(asked == truth), ("yes", "no"))
+    elif form < 0.7:
+        other = rng.choice(in_slice)
+        options = (truth, other) if bal.flip("atlas:first") else (other, truth)
+        turn = Turn(f"{prefix} Which AAL atlas region is it in: {options[0]} or {options[1]}?", truth, options)
+    else:
+        turn = Turn(f"{prefix} Which AAL atlas region is the marked point in?", truth)
+    return Sample("atlas_region", view.source, image, [turn])
+
+
+def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer) -> Sample:
+    """A large canvas with a tiny dot or a tiny printed label: readable only when zoomed in."""
+    canvas = upsample_canvas(view.image, side, rng)
+    if rng.random() < 0.5:
+        present = bal.flip("fine_dot:yes")
+        if present:
+            canvas = draw_blob(canvas, rng)[0]
+        turn = Turn("Look closely: is there a tiny round dot somewhere in this image? Answer yes or no.", yes_no(present), ("yes", "no"))
+        return Sample("fine_detail", view.source, canvas, [turn])
+    text = random_label(rng)
+    canvas = draw_label(canvas, text, rng)[0]
+    question = "A tiny label is printed somewhere in this image. What does it say"
+    if rng.random() < 0.7:
+        other = text
+        while other == text:
+            other = random_label(rng, len(text))
+        options = (text, other) if bal.flip("fine_label:first") else (other, text)
+        turn = Turn(f"{question}: {options[0]} or {options[1]}?", text, options)
+    else:
+        turn = Turn(f"{question}?", text)
+    return Sample("fine_detail", view.source, canvas, [turn])

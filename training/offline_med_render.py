@@ -1,0 +1,160 @@
+"""Pixel operations of the offline medical data builder: windows, marks, lesions, fine details.
+
+Everything drawn here is a fact the questions can rely on, so each function returns where and
+what it drew. Sizes of fine details are fractions of the canvas width because the model's low
+view squashes the whole image to one crop: a detail of fraction f covers about 224*f low-view
+pixels and 6*224*f high-view pixels (high canvas of a 2x2 medium grid), whatever the canvas size.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# CT display windows as (centre, width) in HU, the ones radiologists use for the head.
+WINDOWS = {"brain": (40, 80), "bone": (480, 2500), "soft tissue": (40, 400)}
+QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
+BLOB_FRACTION = (0.0025, 0.0035)  # < 0.8 low-view px, >= 3.4 high-view px
+LABEL_FRACTION = (0.0055, 0.0065)  # glyph height: ~1.3 low-view px (strokes << 1), ~8 high-view px
+LABEL_CHARS = "ACEHKLMNPRTX"
+
+
+def apply_window(hu: np.ndarray, window: str) -> Image.Image:
+    """Map Hounsfield units to 8-bit grey with a named CT window."""
+    centre, width = WINDOWS[window]
+    scaled = (hu.astype(np.float32) - (centre - width / 2)) / width
+    return Image.fromarray((np.clip(scaled, 0, 1) * 255).astype(np.uint8))
+
+
+def autocontrast(values: np.ndarray) -> Image.Image:
+    """8-bit grey (or RGB) from any array, stretched between its 1st and 99.5th percentiles."""
+    values = values.astype(np.float32)
+    lo, hi = np.percentile(values, [1, 99.5])
+    scaled = np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1)
+    return Image.fromarray((scaled * 255).astype(np.uint8))
+
+
+def quadrant(x: float, y: float, width: int, height: int) -> str:
+    """Image quadrant (viewer's, not the patient's) of a point."""
+    return QUADRANTS[2 * int(y >= height / 2) + int(x >= width / 2)]
+
+
+def foreground_point(image: Image.Image, rng: random.Random, margin: float = 0.1) -> tuple[int, int]:
+    """A random pixel inside the imaged object (brighter than the darkest quarter), off the edges.
+
+    Marks and lesions drawn on air or on the burned-in text of an ultrasound frame would be
+    trivially visible, so they are placed on tissue.
+    """
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    h, w = grey.shape
+    mx, my = int(w * margin), int(h * margin)
+    inner = grey[my : h - my, mx : w - mx]
+    ys, xs = np.nonzero(inner > max(np.percentile(grey, 25), 20))
+    if len(xs) == 0:
+        return rng.randrange(mx, w - mx), rng.randrange(my, h - my)
+    i = rng.randrange(len(xs))
+    return int(xs[i]) + mx, int(ys[i]) + my
+
+
+def draw_marker(image: Image.Image, x: int, y: int) -> Image.Image:
+    """A red ring with a centre dot around (x, y): the 'marked point' questions refer to."""
+    out = image.convert("RGB")
+    r = max(4, round(0.025 * max(out.size)))
+    draw = ImageDraw.Draw(out)
+    draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 32, 32), width=max(1, r // 4))
+    draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=(255, 32, 32))
+    return out
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """Where a lesion or fine detail was drawn, in pixels of the returned image."""
+
+    x: int
+    y: int
+    size: float
+    contrast: float
+
+
+def _contrast_sign(pixels: np.ndarray, x: int, y: int, radius: int) -> int:
+    """+1 to draw brighter than the neighbourhood, -1 darker, so the mark always shows."""
+    h, w = pixels.shape[:2]
+    patch = pixels[max(0, y - radius) : min(h, y + radius + 1), max(0, x - radius) : min(w, x + radius + 1)]
+    return 1 if patch.mean() < 128 else -1
+
+
+def draw_disk(image: Image.Image, x: int, y: int, diameter: float, contrast: float) -> tuple[Image.Image, Drawn]:
+    """Add a soft-edged disk that differs from its surroundings by about `contrast` grey levels."""
+    pixels = np.array(image)
+    sign = _contrast_sign(pixels, x, y, max(2, int(diameter)))
+    reach = int(diameter / 2) + 2  # only the disk's bounding box is touched: canvases are large
+    x0, y0 = max(0, x - reach), max(0, y - reach)
+    patch = pixels[y0 : y + reach + 1, x0 : x + reach + 1].astype(np.float32)
+    yy, xx = np.ogrid[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]]
+    weight = np.clip(diameter / 2 + 0.5 - np.sqrt((xx - x) ** 2 + (yy - y) ** 2), 0, 1)  # antialiased edge
+    if pixels.ndim == 3:
+        weight = weight[..., None]
+    pixels[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = np.clip(patch + sign * contrast * weight, 0, 255)
+    return Image.fromarray(pixels), Drawn(x, y, diameter, sign * contrast)
+
+
+def draw_lesion(image: Image.Image, rng: random.Random) -> tuple[Image.Image, Drawn]:
+    """A simulated focal lesion, 6-10% of the width: plainly visible in the low view."""
+    x, y = foreground_point(image, rng, margin=0.15)
+    diameter = rng.uniform(0.06, 0.10) * image.width
+    return draw_disk(image, x, y, diameter, rng.uniform(70, 110))
+
+
+def upsample_canvas(image: Image.Image, side: int, rng: random.Random) -> Image.Image:
+    """Stretch an image to a large square canvas and add faint grain, as a high-resolution scan.
+
+    The grain (sigma 4 grey levels) makes a sub-pixel residue of a detail in the low view
+    indistinguishable from texture, as it would be in a real acquisition.
+    """
+    canvas = np.asarray(image.convert("L").resize((side, side), Image.BICUBIC), dtype=np.float32)
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 4, canvas.shape)
+    return Image.fromarray(np.clip(canvas + noise, 0, 255).astype(np.uint8))
+
+
+def detail_position(canvas: Image.Image, rng: random.Random) -> tuple[int, int]:
+    """A random position for a fine detail, anywhere on tissue but away from the border."""
+    return foreground_point(canvas, rng, margin=0.06)
+
+
+def draw_blob(canvas: Image.Image, rng: random.Random) -> tuple[Image.Image, Drawn]:
+    """A tiny lesion-like dot, 0.25-0.35% of the width: gone in the low view, clear in the high."""
+    x, y = detail_position(canvas, rng)
+    return draw_disk(canvas, x, y, rng.uniform(*BLOB_FRACTION) * canvas.width, rng.uniform(70, 100))
+
+
+def label_font(height: int) -> ImageFont.ImageFont:
+    """Pillow's bundled font at a given glyph height (no system fonts needed)."""
+    return ImageFont.load_default(size=max(6, round(height * 1.35)))
+
+
+def draw_label(canvas: Image.Image, text: str, rng: random.Random) -> tuple[Image.Image, Drawn]:
+    """Print `text` white on a black box, glyphs ~0.6% of the width, at a random position.
+
+    In the low view the box is at most a grey smudge of one or two pixels; its characters can
+    only be read in the high view.
+    """
+    out = canvas.copy()
+    glyph = rng.uniform(*LABEL_FRACTION) * canvas.width
+    font = label_font(round(glyph))
+    draw = ImageDraw.Draw(out)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(1, round(glyph * 0.2))
+    x, y = detail_position(canvas, rng)
+    x0, y0 = x - (right - left) // 2 - pad, y - (bottom - top) // 2 - pad
+    draw.rectangle([x0, y0, x0 + right - left + 2 * pad, y0 + bottom - top + 2 * pad], fill=0)
+    draw.text((x0 + pad - left, y0 + pad - top), text, fill=255, font=font)
+    return out, Drawn(x, y, float(bottom - top), 255.0)
+
+
+def random_label(rng: random.Random, length: int | None = None) -> str:
+    """A digit, or a 2-3 character code like 'K7' or 'RT3' as burned-in annotations read."""
+    length = length or rng.choice((1, 1, 2, 3))
+    return "".join(rng.choice(LABEL_CHARS) for _ in range(length - 1)) + str(rng.randrange(10))

@@ -1,0 +1,355 @@
+"""The offline medical sources, their known facts, and the 2D views derived from them.
+
+A `Source` is the unit of the train/val/test split: one image file (with its re-encodings), one
+cine clip or one volume. Its split is fixed here, by hand, so that every split gets what the
+few available sources allow (see docs/offline-med.md); nothing derived from a source ever
+leaves its split. Facts (modality, region, plane, window, orientation) come from the file's
+metadata or from how we slice and render it, never from a model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import plistlib
+import random
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.offline_med_render import WINDOWS, apply_window, autocontrast
+
+INVESALIUS_GLOBS = ("/usr/share/doc/invesalius-examples/examples/Cranium.inv3", "/usr/share/invesalius*/**/Cranium.inv3")
+MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
+DISPLAY_SIDE = 384  # longest side of ordinary views; fine-detail canvases are made larger later
+
+
+@dataclass
+class View:
+    """One 2D image with everything known about it."""
+
+    source: str
+    image: Image.Image
+    modality: str
+    body_region: str | None
+    plane: str | None = None
+    window: str | None = None
+    midline_x: float | None = None  # image column of the patient's midline, radiological display
+    atlas: np.ndarray | None = field(default=None, repr=False)  # AAL label index per pixel
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much to derive from each source: `small` for tests, `full` for training."""
+
+    name: str
+    views_2d: int  # augmented crops per 2D source
+    slices: int  # slices per plane per volume
+    fine_detail: dict[str, int]  # fine-detail canvases per split
+    canvas: tuple[int, int]  # side range of fine-detail canvases (px)
+
+
+SCALES = {
+    "small": Scale("small", views_2d=2, slices=2, fine_detail={"train": 12, "val": 4, "test": 8}, canvas=(1344, 1600)),
+    "full": Scale("full", views_2d=14, slices=28, fine_detail={"train": 700, "val": 120, "test": 240}, canvas=(1344, 2016)),
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A split unit: where it is, which split it belongs to, its facts, how to view it."""
+
+    id: str
+    split: str
+    modality: str
+    body_region: str | None
+    make_views: Callable[[Source, random.Random, Scale], Iterator[View]]
+    path: Path | None
+    plane: str | None = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------- 2D images
+
+
+def fit(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """Resize so the longest side is `side` (small DICOMs are enlarged so marks stay drawable)."""
+    scale = side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+
+
+def jitter(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A random 85-100% crop and a mild contrast change, so repeated views of a source differ."""
+    w, h = image.size
+    cw, ch = round(w * rng.uniform(0.85, 1.0)), round(h * rng.uniform(0.85, 1.0))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    crop = np.asarray(image.crop((x0, y0, x0 + cw, y0 + ch)), dtype=np.float32)
+    gain, offset = rng.uniform(0.9, 1.1), rng.uniform(-10, 10)
+    return fit(Image.fromarray(np.clip(crop * gain + offset, 0, 255).astype(np.uint8)))
+
+
+def read_dicom(path: Path) -> tuple[np.ndarray, object]:
+    """Pixel data as displayable values (HU for CT, RGB for colour), and the dataset."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    elif ds.get("Modality") == "CT":
+        pixels = apply_modality_lut(pixels, ds)
+    return pixels, ds
+
+
+def dicom_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Views of a DICOM file: CT in each named window, other modalities auto-contrasted, cine
+    clips by frame."""
+    pixels, ds = read_dicom(source.path)
+    frames = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
+    windows = list(WINDOWS)
+    for i in range(scale.views_2d):
+        frame = frames[rng.randrange(len(frames))]
+        window = windows[i % len(windows)] if source.modality == "CT" else None
+        image = apply_window(frame, window) if window else autocontrast(frame)
+        yield View(source.id, jitter(fit(image), rng), source.modality, source.body_region, source.plane, window)
+
+
+def photo_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Views of a photograph (fundus, histology)."""
+    image = fit(Image.open(source.path).convert("RGB"), 2 * DISPLAY_SIDE)
+    for _ in range(scale.views_2d):
+        yield View(source.id, jitter(image, rng), source.modality, source.body_region)
+
+
+# ---------------------------------------------------------------- volumes
+
+
+def display_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    """A slice of a RAS-oriented volume in radiological display orientation.
+
+    Axial and coronal: patient's left on the image's right; anterior (axial) or superior
+    (coronal, sagittal) at the top; sagittal: anterior on the left.
+    """
+    if plane == "axial":
+        return volume[::-1, ::-1, index].T
+    if plane == "coronal":
+        return volume[::-1, index, ::-1].T
+    return volume[index, ::-1, ::-1].T
+
+
+PLANE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
+PLANE_SPACING = {"axial": (1, 0), "coronal": (2, 0), "sagittal": (2, 1)}  # (row axis, column axis)
+
+
+def slice_indices(mask: np.ndarray, plane: str, n: int, rng: random.Random) -> list[int]:
+    """`n` slice positions spread over the slices that hold at least 30% of the peak object area."""
+    axis = PLANE_AXIS[plane]
+    area = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+    good = np.nonzero(area >= 0.3 * area.max())[0]
+    edges = np.linspace(0, len(good), n + 1)
+    return [int(good[rng.randrange(int(lo), max(int(lo) + 1, int(hi)))]) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def to_display(values: np.ndarray, spacing: tuple[float, float], resample=Image.BICUBIC) -> Image.Image:
+    """Resize a 2D slice so pixels are square (physical aspect) with the longest side DISPLAY_SIDE."""
+    rows, cols = values.shape
+    height, width = rows * spacing[0], cols * spacing[1]
+    scale = DISPLAY_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = values if isinstance(values, Image.Image) else Image.fromarray(values)
+    return image.resize(size, resample)
+
+
+def read_inv3(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The CT volume of an InVesalius project: (z, y, x) int16 HU and (x, y, z) spacing in mm.
+
+    Shape, dtype and spacing come from the project's main.plist, never from assumptions.
+    """
+    with tarfile.open(path, "r:gz") as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        meta = plistlib.loads(tar.extractfile(members["main.plist"]).read())
+        matrix = meta["matrix"]
+        raw = tar.extractfile(members[matrix["filename"]]).read()
+    volume = np.frombuffer(raw, dtype=np.dtype(matrix["dtype"])).reshape(matrix["shape"])
+    return volume, tuple(float(s) for s in meta["spacing"])
+
+
+def ct_volume_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Axial, coronal and sagittal slices of the InVesalius head CT in each CT window.
+
+    The file stores (z, y, x) with z from inferior to superior and y from posterior to anterior,
+    so (x, y, z) is RAS-like and displays anterior-up, superior-up. Its left-right convention
+    is not recorded, so no laterality is claimed for it (midline_x stays None).
+    """
+    zyx, (sx, sy, sz) = read_inv3(source.path)
+    ras_like = zyx.transpose(2, 1, 0)
+    mask = ras_like > -300
+    spacing = {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}
+    windows = list(WINDOWS)
+    for plane in PLANE_AXIS:
+        for i, index in enumerate(slice_indices(mask, plane, scale.slices, rng)):
+            window = windows[(i + len(plane)) % len(windows)]
+            hu = display_slice(ras_like, plane, index)
+            image = to_display(np.asarray(apply_window(hu, window)), spacing[plane])
+            yield View(source.id, image, source.modality, source.body_region, plane, window)
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D volume in RAS orientation and its affine (first volume of a 4D series)."""
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(nib.load(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    return (data[..., 0] if data.ndim == 4 else data), image.affine
+
+
+def atlas_lookup(t1_affine: np.ndarray, atlas: np.ndarray, atlas_affine: np.ndarray, shape: tuple[int, ...], plane: str, index: int) -> np.ndarray:
+    """AAL label of every voxel of one T1 slice, by world coordinates (nearest neighbour)."""
+    grids = [np.arange(n) for n in shape]
+    grids[PLANE_AXIS[plane]] = np.array([index])
+    ijk = np.stack(np.meshgrid(*grids, indexing="ij"), axis=-1).reshape(-1, 3)
+    world = ijk @ t1_affine[:3, :3].T + t1_affine[:3, 3]
+    vox = np.rint((world - atlas_affine[:3, 3]) @ np.linalg.inv(atlas_affine[:3, :3]).T).astype(int)
+    inside = np.all((vox >= 0) & (vox < atlas.shape), axis=1)
+    labels = np.zeros(len(vox), dtype=np.int16)
+    labels[inside] = atlas[tuple(vox[inside].T)]
+    slab = [len(g) for g in grids]
+    return labels.reshape(slab)
+
+
+def mri_volume_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Axial, coronal and sagittal slices of a brain MRI, with the midline and (for Colin27)
+    the AAL label of every pixel."""
+    volume, affine = load_nifti(source.path)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    mask = volume > 0.2 * np.percentile(volume, 99)
+    atlas, atlas_affine = load_atlas() if source.note == "aal" else (None, None)
+    if atlas is not None and np.allclose(affine[:3, :3], np.diag(zooms)):
+        midline_i = -affine[0, 3] / affine[0, 0]  # world x = 0 in MNI space
+    else:
+        midline_i = float(np.nonzero(mask)[0].mean())
+    for plane in PLANE_AXIS:
+        rows_axis, cols_axis = PLANE_SPACING[plane]
+        spacing = (zooms[rows_axis], zooms[cols_axis])
+        for index in slice_indices(mask, plane, scale.slices, rng):
+            values = display_slice(volume, plane, index)
+            image = to_display(np.asarray(autocontrast(values)), spacing)
+            midline = None
+            if plane != "sagittal":
+                midline = (volume.shape[0] - 1 - midline_i + 0.5) * image.width / values.shape[1]
+            labels = None
+            if atlas is not None:
+                slab = atlas_lookup(affine, atlas, atlas_affine, volume.shape, plane, index)
+                labels = np.asarray(to_display(display_slice(slab, plane, 0).astype(np.int32), spacing, Image.NEAREST))
+            yield View(source.id, image, source.modality, source.body_region, plane, None, midline, labels)
+
+
+def load_atlas() -> tuple[np.ndarray, np.ndarray]:
+    """The AAL label volume (RAS) and its affine."""
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(nib.load(MRICRON_TEMPLATES / "aal.nii.gz"))
+    return np.asarray(image.dataobj).astype(np.int16), image.affine
+
+
+def aal_names() -> dict[int, str]:
+    """AAL index -> readable name ('Frontal_Sup_Orb_L' -> 'superior frontal gyrus, orbital part, left')."""
+    names = {}
+    for line in (MRICRON_TEMPLATES / "aal.nii.txt").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            names[int(parts[0])] = readable_region(parts[1])
+    return names
+
+
+AAL_WORDS = {
+    "Sup": "superior", "Mid": "middle", "Inf": "inferior", "Med": "medial", "Orb": "orbital",
+    "Oper": "opercular", "Tri": "triangular", "Ant": "anterior", "Post": "posterior",
+    "Supp": "supplementary", "Motor": "motor", "Area": "area", "Rolandic": "rolandic",
+    "Cingulum": "cingulate", "ParaHippocampal": "parahippocampal", "Paracentral": "paracentral",
+    "Lobule": "lobule", "Cerebelum": "cerebellum", "Vermis": "vermis", "Heschl": "Heschl",
+    "Calcarine": "calcarine", "Cuneus": "cuneus", "Lingual": "lingual", "Fusiform": "fusiform",
+}
+
+
+def readable_region(name: str) -> str:
+    """Expand an AAL label into plain words, keeping the hemisphere."""
+    parts = name.split("_")
+    side = {"L": "left", "R": "right"}.get(parts[-1])
+    words = [AAL_WORDS.get(p, p.lower()) for p in (parts[:-1] if side else parts)]
+    return " ".join(words) + (f", {side}" if side else "")
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+def pydicom_file(name: str) -> Path | None:
+    """A bundled pydicom test file by base name, looked up on disk (never downloaded)."""
+    import pydicom.data
+
+    matches = [Path(p) for p in pydicom.data.get_testdata_files() if Path(p).name == name]
+    return matches[0] if matches else None
+
+
+def package_file(package: str, relative: str) -> Path | None:
+    """A data file shipped inside an installed Python package, if present."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / relative
+    return path if path.exists() else None
+
+
+def invesalius_file() -> Path | None:
+    """The Cranium.inv3 example installed by Debian's invesalius-examples, if any."""
+    for pattern in INVESALIUS_GLOBS:
+        hits = sorted(Path("/").glob(pattern.lstrip("/")))
+        if hits:
+            return hits[0]
+    return None
+
+
+def catalogue() -> list[Source]:
+    """Every source with its fixed split. Paths may be None (package not installed)."""
+    colin = MRICRON_TEMPLATES / "ch2better.nii.gz"
+    return [
+        # train
+        Source("pydicom:CT_small", "train", "CT", "chest", dicom_views, pydicom_file("CT_small.dcm"), "axial"),
+        Source("pydicom:693_J2KI", "train", "CT", "head", dicom_views, pydicom_file("693_J2KI.dcm"), "axial"),
+        Source("pydicom:MR_small", "train", "MRI", None, dicom_views, pydicom_file("MR_small.dcm"), "axial"),
+        Source("pydicom:examples_overlay", "train", "MRI", "abdomen", dicom_views, pydicom_file("examples_overlay.dcm"), "axial"),
+        Source("pydicom:examples_ybr_color", "train", "ultrasound", "chest", dicom_views, pydicom_file("examples_ybr_color.dcm")),
+        Source("skimage:retina", "train", "fundus photograph", "eye", photo_views, package_file("skimage", "data/retina.jpg")),
+        Source("skimage:ihc", "train", "histology", "tissue", photo_views, package_file("skimage", "data/ihc.png")),
+        Source("invesalius:Cranium", "train", "CT", "head", ct_volume_views, invesalius_file()),
+        Source("mricron:colin27", "train", "MRI", "head", mri_volume_views, colin if colin.exists() else None, note="aal"),
+        # validation
+        Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),
+        Source("nibabel:mra_mip", "val", "MRI", None, dicom_views, package_file("nibabel", "nicom/tests/data/slicethickness_empty_string.dcm")),
+        Source("nibabel:anatomical", "val", "MRI", "head", mri_volume_views, package_file("nibabel", "tests/data/anatomical.nii")),
+        # test
+        Source("pydicom:J2K_pixelrep_mismatch", "test", "CT", "head", dicom_views, pydicom_file("J2K_pixelrep_mismatch.dcm"), "axial"),
+        Source("pydicom:examples_rgb_color", "test", "ultrasound", None, dicom_views, pydicom_file("examples_rgb_color.dcm")),
+        Source("skimage:microaneurysms", "test", "fundus photograph", "eye", photo_views, package_file("skimage", "data/microaneurysms.png")),
+        Source("nibabel:example4d", "test", "MRI", "head", mri_volume_views, package_file("nibabel", "tests/data/example4d.nii.gz")),
+    ]
+
+
+def load_views(source: Source, rng: random.Random, scale: Scale) -> list[View]:
+    """All views of one source, or none with a warning when it is missing or cannot be decoded."""
+    if source.path is None:
+        hint = {"invesalius": "apt-get install invesalius-examples", "mricron": "apt-get install mricron-data"}
+        warnings.warn(f"offline-med: skipping {source.id}: not installed ({hint.get(source.id.split(':')[0], 'missing file')})", stacklevel=2)
+        return []
+    try:
+        return list(source.make_views(source, rng, scale))
+    except (OSError, ValueError, RuntimeError, NotImplementedError, KeyError, gzip.BadGzipFile) as error:
+        warnings.warn(f"offline-med: skipping {source.id}: {type(error).__name__}: {error}", stacklevel=2)
+        return []
