@@ -41,7 +41,7 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 
 # Photo formats we accept. An allow-list keeps Pillow away from formats that run external
 # programs (EPS -> Ghostscript) or that are never clinical images.
-PHOTO_FORMATS = ("PNG", "JPEG", "MPO", "TIFF", "BMP", "DIB", "WEBP", "GIF", "PPM", "JPEG2000")
+PHOTO_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "DIB", "WEBP", "GIF", "PPM", "JPEG2000")
 
 # Elements larger than this stay on disk until asked for: pixel data of a 1000-frame file is
 # never read just to look at its header.
@@ -193,7 +193,8 @@ def load_image(
             "This image is too large to open on this machine: use a smaller image or export "
             "a single frame"
         ) from exc
-    except Exception as exc:  # the contract: callers only ever see IngestError
+    except BaseException as exc:  # the contract: callers only ever see IngestError
+        _reraise_if_fatal(exc)
         raise CorruptFileError(
             "This file could not be read as an image; it may be damaged: export or copy it "
             f"again from the original source ({type(exc).__name__})"
@@ -234,8 +235,7 @@ class _Source:
             src = cls(path, None, size)
         else:
             raise InvalidRequestError(
-                f"Expected a file path or bytes, got {type(source).__name__}: pass the file "
-                "itself"
+                f"Expected a file path or bytes, got {type(source).__name__}: pass the file itself"
             )
         if src.size == 0:
             raise EmptyFileError(
@@ -268,17 +268,33 @@ class _Source:
 
 # Well-known non-image signatures, for a message that names what the file actually is.
 _SIGNATURES: list[tuple[bytes, int, str]] = [
-    (b"%PDF", 0, "This is a PDF document, not an image: export the image itself as DICOM, "
-     "PNG or JPEG"),
-    (b"PK\x03\x04", 0, "This is a ZIP archive: unzip it first and choose one image file "
-     "from inside"),
-    (b"\x1f\x8b", 0, "This is a compressed (gzip) archive: extract it first and choose one "
-     "image file from inside"),
-    (b"ftypheic", 4, "HEIC photos (iPhone) are not supported: export or share the photo as "
-     "JPEG or PNG"),
+    (
+        b"%PDF",
+        0,
+        "This is a PDF document, not an image: export the image itself as DICOM, PNG or JPEG",
+    ),
+    (
+        b"PK\x03\x04",
+        0,
+        "This is a ZIP archive: unzip it first and choose one image file from inside",
+    ),
+    (
+        b"\x1f\x8b",
+        0,
+        "This is a compressed (gzip) archive: extract it first and choose one "
+        "image file from inside",
+    ),
+    (
+        b"ftypheic",
+        4,
+        "HEIC photos (iPhone) are not supported: export or share the photo as JPEG or PNG",
+    ),
     (b"ftypmif1", 4, "HEIF photos are not supported: export or share the photo as JPEG or PNG"),
-    (b"n+1\x00", 344, "NIfTI volumes are not supported here: export a DICOM series or a PNG "
-     "slice instead"),
+    (
+        b"n+1\x00",
+        344,
+        "NIfTI volumes are not supported here: export a DICOM series or a PNG slice instead",
+    ),
 ]
 
 
@@ -352,7 +368,9 @@ def _window_help(what: str) -> str:
 
 
 def _load_dicom(
-    src: _Source, frame: int | None, request: str | tuple[float, float] | None,
+    src: _Source,
+    frame: int | None,
+    request: str | tuple[float, float] | None,
     limits: IngestLimits,
 ) -> LoadedImage:
     """Read the header, refuse early (no pixels, too large), decode one frame, display it."""
@@ -524,8 +542,9 @@ def _decode_frame(src: _Source, ds, index: int) -> np.ndarray:
     try:
         stream = src.for_pydicom()
         return pixel_array(stream, index=index, transfer_syntax_uid=ts)
-    except Exception:
-        pass  # e.g. a header whose encoding differs from the declared one: try the slow path
+    except BaseException as exc:
+        # e.g. a header whose encoding differs from the declared one: try the slow path
+        _reraise_if_fatal(exc)
     try:
         if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
             from pydicom.dataset import FileMetaDataset
@@ -533,7 +552,8 @@ def _decode_frame(src: _Source, ds, index: int) -> np.ndarray:
             ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ts
         return pixel_array(ds, index=index)
-    except Exception as exc:
+    except BaseException as exc:
+        _reraise_if_fatal(exc)
         raise _decode_error(exc, ts) from exc
 
 
@@ -668,28 +688,36 @@ def _voi_lut_item(ds):
 
 
 def _apply_voi_lut_table(values: np.ndarray, ds, item) -> tuple[np.ndarray, Window]:
-    """Map through the file's VOI LUT; report it as the equivalent linear window."""
-    from pydicom.pixels import apply_voi
+    """Map through the file's VOI LUT; report it as the equivalent linear window.
 
-    entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
-    mapped = apply_voi(values.astype(np.int64), ds, index=0).astype(np.float32)
-    lo, hi = float(mapped.min()), float(mapped.max())
-    try:
-        lut = np.asarray(apply_voi(np.arange(first, first + entries), ds, index=0))
-        lo, hi = float(lut.min()), float(lut.max())
-    except Exception:
-        pass
-    out = (mapped - lo) / (hi - lo) if hi > lo else np.zeros_like(mapped)
-    return np.clip(out, 0.0, 1.0), Window(first + entries / 2.0, float(entries), "file", "VOI_LUT")
+    Done here rather than with pydicom's apply_voi, which wraps input values above 255 when
+    the LUT has 8-bit entries.
+    """
+    entries = int(item.LUTDescriptor[0]) or 65536
+    first = int(item.LUTDescriptor[1])
+    lut = _lut_entries(item, ds)[:entries].astype(np.float32)
+    if lut.size == 0:
+        raise CorruptFileError(_damaged_header("VOI lookup table"))
+    index = np.clip(np.nan_to_num(values) - first, 0, lut.size - 1).astype(np.int64)
+    lo, hi = float(lut.min()), float(lut.max())
+    out = (lut[index] - lo) / (hi - lo) if hi > lo else np.zeros(values.shape, np.float32)
+    return out, Window(first + entries / 2.0, float(entries), "file", "VOI_LUT")
+
+
+def _lut_entries(item, ds) -> np.ndarray:
+    """LUT Data as integers, whether stored as a US list or as OW bytes."""
+    data = item.LUTData
+    if isinstance(data, bytes):
+        little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
+        return np.frombuffer(data, dtype="<u2" if little else ">u2").astype(np.int64)
+    return np.asarray(_as_list(data), dtype=np.int64)
 
 
 def _file_windows(ds, index: int = 0) -> list[dict[str, Any]]:
     """Every centre/width pair the file offers (multi-valued elements included)."""
     centers = _as_list(_frame_value(ds, index, "FrameVOILUTSequence", "WindowCenter"))
     widths = _as_list(_frame_value(ds, index, "FrameVOILUTSequence", "WindowWidth"))
-    names = _as_list(
-        _frame_value(ds, index, "FrameVOILUTSequence", "WindowCenterWidthExplanation")
-    )
+    names = _as_list(_frame_value(ds, index, "FrameVOILUTSequence", "WindowCenterWidthExplanation"))
     out = []
     for i, (c, w) in enumerate(zip(centers, widths, strict=False)):
         c, w = _as_float(c), _as_float(w)
@@ -776,11 +804,24 @@ def _dicom_facts(ds, rows: int, cols: int, frames: int, index: int, window) -> I
 
 # Identity-bearing attributes whose values must never leak through a free-text description.
 _IDENTITY_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
-    "PatientAddress", "PatientTelephoneNumbers", "AccessionNumber", "InstitutionName",
-    "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy", "OperatorsName", "PhysiciansOfRecord", "PatientMotherBirthName",
-    "StudyID", "RequestingPhysician",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "PhysiciansOfRecord",
+    "PatientMotherBirthName",
+    "StudyID",
+    "RequestingPhysician",
 )
 
 
@@ -907,6 +948,16 @@ def _photo_bits(mode: str) -> int:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _reraise_if_fatal(exc: BaseException) -> None:
+    """Let Ctrl-C and exits through; anything else is a decoding failure.
+
+    Rust-based decoders (pylibjpeg-rle, pyjpegls) panic on some corrupt input with
+    pyo3's PanicException, which derives from BaseException, not Exception.
+    """
+    if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+        raise exc
 
 
 def _text(value: Any) -> str | None:
