@@ -220,13 +220,16 @@ class SessionLog:
     def add_feedback(self, turn_id: int, liked: bool) -> None:
         self._write(lambda db: db.add(FeedbackRow(turn_id=turn_id, liked=liked)))
 
-    def list_sessions(self, limit: int = 200) -> list[dict]:
-        """Newest first, with the first image's facts and the number of turns, for the History tab."""
+    def list_sessions(self, user: str | None = None, limit: int = 200) -> list[dict]:
+        """Newest first, with the first image's facts and the number of turns, for the History tab.
+
+        With user, only that user's sessions: signed-in clinicians see their own history only.
+        """
+        query = select(SessionRow).options(selectinload(SessionRow.images), selectinload(SessionRow.turns))
+        if user is not None:
+            query = query.where(SessionRow.user == user)
         with Session(self.engine) as db:
-            rows = db.scalars(
-                select(SessionRow).options(selectinload(SessionRow.images), selectinload(SessionRow.turns))
-                .order_by(SessionRow.started_at.desc()).limit(limit)
-            )
+            rows = db.scalars(query.order_by(SessionRow.started_at.desc()).limit(limit))
             return [_session_summary(row) for row in rows]
 
     def export(self, session_id: str | None = None) -> dict:

@@ -1,0 +1,226 @@
+"""One browser (or API client) session: its image, its conversation and its rows in the log.
+
+Gradio keeps one `UserSession` per page in a `gr.State`, so users never share an image or a
+conversation; they share only `Services` (the one model and the log). Nothing here imports
+Gradio: the UI and the API endpoints are thin wrappers, and these rules hold for both.
+
+PHI rules kept here: the uploaded file is read into memory and its copy in Gradio's cache is
+deleted at once (window and frame changes re-decode from memory); file names are never stored;
+only de-identified facts and a pixel fingerprint reach the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from app.log import ImageRecord, SessionLog, TurnRecord, utcnow
+from app.overlay import draw_grids
+from dragonfly_med.chat import SamplingParams
+from dragonfly_med.geometry import CropPlan
+from dragonfly_med.ingest import IngestLimits, LoadedImage, load_image
+
+NO_IMAGE_HINT = "Text-only conversation: load an image to ask about it."
+
+
+@dataclass
+class Services:
+    """Process-wide objects every session uses: the shared engine, the log, the upload limits."""
+
+    engine: Any  # dragonfly_med.chat.ChatEngine (or anything with its interface)
+    log: SessionLog
+    limits: IngestLimits
+    settings: dict  # how the model was loaded, logged with every session
+    sessions: dict[str, UserSession] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def session_for(self, key: str, user: str | None) -> UserSession:
+        """The session of a page (Gradio's session hash), created on its first event."""
+        with self.lock:
+            if key not in self.sessions:
+                self.sessions[key] = UserSession(self, key, user)
+            return self.sessions[key]
+
+    def close_session(self, key: str) -> None:
+        with self.lock:
+            session = self.sessions.pop(key, None)
+        if session is not None:
+            session.close()
+
+
+@dataclass
+class ImageView:
+    """Everything the page shows about the current image."""
+
+    loaded: LoadedImage
+    plan: CropPlan
+    crops: list[Image.Image]
+    overlay: Image.Image
+
+    def to_dict(self) -> dict:
+        """The `/load_image` answer: de-identified facts and the crop plan."""
+        return {"facts": self.loaded.facts.to_dict(), "plan": self.plan.to_dict()}
+
+
+def fingerprint(image: Image.Image) -> str:
+    """SHA-256 of the displayed pixels: tells images apart in the log without storing them."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def read_upload(path: str | Path, delete: bool) -> bytes:
+    """The uploaded bytes; the cached copy is removed at once so no other user can fetch it."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    finally:
+        if delete:
+            path.unlink(missing_ok=True)
+            try:
+                path.parent.rmdir()  # Gradio puts each upload in its own folder
+            except OSError:
+                pass
+
+
+class UserSession:
+    """Image, conversation and log rows of one page; every method is called from Gradio workers."""
+
+    def __init__(self, services: Services, key: str, user: str | None):
+        self.services = services
+        self.key = key  # Gradio's session hash, for clean-up when the page goes away
+        self.user = user
+        self.source: bytes | None = None
+        self.view: ImageView | None = None
+        self.window: str | tuple[float, float] | None = None
+        self.frame: int | None = None
+        self.conversation = None
+        self.stop_event = threading.Event()
+        self.turn_ids: list[int] = []  # log id of each answer shown, in chat order
+        self.log_id: str | None = None
+        self.image_id: int | None = None
+        self.last_question: str | None = None
+
+    # ------------------------------------------------------------------ image
+
+    def load(self, source: bytes, window: str | tuple[float, float] | None = None, frame: int | None = None) -> ImageView:
+        """Decode a new file (raises IngestError) and start a new conversation about it."""
+        loaded = load_image(source, frame=frame, window=window, limits=self.services.limits)
+        self.source, self.window, self.frame = source, window, loaded.facts.frame_index
+        return self._show(loaded)
+
+    def redisplay(self, window: str | tuple[float, float] | None, frame: int | None) -> ImageView:
+        """Same file, other window or frame: new pixels, so a new conversation too."""
+        if self.source is None:
+            raise LookupError("no image loaded")
+        return self.load(self.source, window, frame)
+
+    def _show(self, loaded: LoadedImage) -> ImageView:
+        plan, crops = self.services.engine.preview(loaded.image)
+        self.view = ImageView(loaded, plan, list(crops), draw_grids(loaded.image, plan))
+        self.image_id = self.services.log.add_image(self._log_session(), ImageRecord(
+            fingerprint=fingerprint(loaded.image), facts=loaded.facts.to_dict(), plan=plan.to_dict(),
+            window=loaded.facts.window, frame=loaded.facts.frame_index,
+        ))
+        self.clear()
+        return self.view
+
+    # ------------------------------------------------------------------ chat
+
+    def clear(self) -> None:
+        """Forget the conversation (the image stays); the next question starts a new one."""
+        self.stop()
+        self.conversation = None
+        self.turn_ids = []
+        self.last_question = None
+
+    def stop(self) -> None:
+        """Ask the running generation, if any, to end; the engine's thread checks this event."""
+        self.stop_event.set()
+
+    def ask(self, question: str, params: SamplingParams) -> Iterator[str]:
+        """Stream the answer to a new question; the turn is logged when it ends."""
+        if self.conversation is None:
+            image = self.view.loaded.image if self.view else None
+            self.conversation = self.services.engine.new_conversation(image)
+        self.last_question = question
+        return self._turn(question, params, lambda stop: self.conversation.stream(question, params, stop))
+
+    def regenerate(self, params: SamplingParams) -> Iterator[str]:
+        """Stream a new answer to the last question (the engine drops the old one first)."""
+        if self.conversation is None or self.last_question is None:
+            raise LookupError("nothing to regenerate yet")
+        if self.turn_ids:
+            self.turn_ids.pop()
+        return self._turn(self.last_question, params, lambda stop: self.conversation.regenerate(params, stop))
+
+    def _turn(self, question: str, params: SamplingParams, start) -> Iterator[str]:
+        """Run one generation; log it however it ends (done, stopped, failed or cancelled)."""
+        self.stop_event = stop = threading.Event()
+        started, answer, finished, error = utcnow(), "", False, None
+        stream = None
+        try:
+            stream = start(stop)
+            for answer in stream:
+                yield answer
+            finished = True
+            stats = getattr(self.conversation, "last_stats", None)
+            if stats is not None and stats.status == "error":
+                yield error_message(stats.error)
+        except Exception as exc:  # a generation error is shown in the chat; the session goes on
+            error = f"{type(exc).__name__}: {exc}"
+            yield error_message(error)
+        finally:
+            stop.set()  # a closed (cancelled) generator must not leave the model thread running
+            if stream is not None:
+                stream.close()
+            self._log_turn(question, answer, params, started, finished, error)
+
+    def _log_turn(self, question: str, answer: str, params: SamplingParams, started, finished: bool, error: str | None) -> None:
+        stats = getattr(self.conversation, "last_stats", None) if finished else None
+        status = "error" if error else (stats.status if stats else "stopped")
+        error = error or (stats.error if stats else None)
+        record = TurnRecord(
+            question=question, answer=answer, sampling=sampling_dict(params), status=status, started_at=started,
+            ttft_s=getattr(stats, "ttft_s", None), tokens_per_s=getattr(stats, "tokens_per_s", None),
+            new_tokens=getattr(stats, "new_tokens", 0) or 0, error=error,
+        )
+        self.turn_ids.append(self.services.log.add_turn(self._log_session(), self.image_id, record))
+
+    def feedback(self, answer_index: int, liked: bool) -> bool:
+        """Thumbs up/down on the answer_index-th answer of the conversation; False if unknown."""
+        if not 0 <= answer_index < len(self.turn_ids):
+            return False
+        self.services.log.add_feedback(self.turn_ids[answer_index], liked)
+        return True
+
+    # ------------------------------------------------------------------ log
+
+    def _log_session(self) -> str:
+        """The log row of this session, created on its first image or turn (not on page views)."""
+        if self.log_id is None:
+            self.log_id = self.services.log.start_session(self.services.engine.model_id, self.services.settings, self.user)
+        return self.log_id
+
+    def close(self) -> None:
+        """Page closed: stop any generation, end the log session and drop the pixels and bytes."""
+        self.stop()
+        if self.log_id is not None:
+            self.services.log.end_session(self.log_id)
+        self.source = self.view = self.conversation = None
+
+
+def sampling_dict(params: SamplingParams) -> dict:
+    return {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens}
+
+
+def error_message(error: str) -> str:
+    """What the clinician reads when generation fails: what happened and what to do."""
+    return (f"⚠️ The model could not answer ({error}). The conversation is kept: try again, "
+            "shorten the question or lower 'max new tokens'.")

@@ -1,0 +1,395 @@
+"""The page (Gradio 6 Blocks): image, what the model sees, chat, history; plus two API endpoints.
+
+Handlers are thin: they find the page's `UserSession` (kept in a `gr.State`), call it and turn
+the result into component updates. Every event that runs the model shares one concurrency
+group ("model") so the single shared engine serves a bounded number of generations at once.
+The API endpoints `/load_image` and `/send` use the same state as the page's own events, so an
+API client gets a session exactly like a browser tab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+from gradio.utils import get_upload_folder
+
+from app.examples import Example, find_examples, thumbnail
+from app.overlay import LEGEND
+from app.session import NO_IMAGE_HINT, ImageView, Services, UserSession, read_upload
+from dragonfly_med.chat import SamplingParams
+from dragonfly_med.ingest import WINDOW_PRESETS, IngestError, load_image
+
+NOTICE = "⚠️ **Research demo, not for diagnostic use.** Answers may be wrong; do not use them for patient care."
+MODEL_GROUP = "model"
+FILE_DEFAULT, MINMAX, CUSTOM = "file", "minmax", "custom"
+FACT_LABELS = {
+    "modality": "Modality", "body_part": "Body part", "study_description": "Study", "series_description": "Series",
+    "format": "Format", "photometric": "Photometric", "bits_stored": "Bits stored", "transfer_syntax": "Transfer syntax",
+}
+
+
+# ---------------------------------------------------------------------- text for the page
+
+
+def sees_markdown(view: ImageView) -> str:
+    """Grids, zoom ratio and token budget: how the model will cut and count this image."""
+    plan, b = view.plan, view.plan.budget
+    (mc, mr), (hc, hr) = plan.medium_grid, plan.high_grid
+    return "\n\n".join([
+        f"**Grids:** medium {mc}×{mr} ({mc * mr} crops), high {hc}×{hr} ({hc * hr} crops), {plan.num_crops} crops in all",
+        f"**Zoom:** high-resolution view: {plan.zoom:.1f}x native",
+        f"**Tokens:** low {b.low} · medium {b.medium} · high {b.high} · separators {b.separators} · "
+        f"total {b.image_positions}",
+        f"<small>{LEGEND}</small>",
+    ])
+
+
+def facts_markdown(view: ImageView) -> str:
+    """The facts panel: de-identified facts only (ingestion never returns identifiers)."""
+    f = view.loaded.facts.to_dict()
+    rows = [("Size", f"{f['columns']} × {f['rows']} px")]
+    if f["frames"] > 1:
+        rows.append(("Frame", f"{f['frame_index'] + 1} / {f['frames']}"))
+    if f.get("pixel_spacing"):
+        rows.append(("Pixel spacing", " × ".join(f"{v:g}" for v in f["pixel_spacing"]) + " mm"))
+    if f.get("window"):
+        w = f["window"]
+        rows.append(("Window", f"centre {w['center']:g}, width {w['width']:g} ({w['source']})"))
+    rows += [(label, str(f[key])) for key, label in FACT_LABELS.items() if f.get(key) not in (None, "")]
+    return "| Fact | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def window_choices(view: ImageView) -> list[tuple[str, str]]:
+    """Dropdown entries: the file's own windows, the PACS presets, min..max and custom."""
+    facts = view.loaded.facts
+    choices = [("File default", FILE_DEFAULT)]
+    choices += [(f"File window {i + 1} ({w['center']:g}/{w['width']:g})", f"file:{i}") for i, w in enumerate(facts.file_windows) if i]
+    choices += [(f"{name.replace('_', ' ').capitalize()} ({c:g}/{w:g})", name) for name, (c, w) in WINDOW_PRESETS.items()]
+    return choices + [("Min–max", MINMAX), ("Custom centre/width", CUSTOM)]
+
+
+def window_request(choice: str | None, centre: float | None, width: float | None) -> str | tuple[float, float] | None:
+    if choice in (None, FILE_DEFAULT):
+        return None
+    if choice == CUSTOM:
+        if centre is None or width is None:
+            raise IngestError("Enter both a centre and a width for a custom window, e.g. 40 and 400")
+        return (float(centre), float(width))
+    return choice
+
+
+def is_greyscale_dicom(view: ImageView) -> bool:
+    facts = view.loaded.facts
+    return facts.kind == "dicom" and str(facts.photometric or "").upper().startswith("MONOCHROME")
+
+
+# ---------------------------------------------------------------------- the page
+
+
+class Page:
+    """Builds the Blocks and holds the handlers that need the shared services."""
+
+    def __init__(self, services: Services, max_upload_mb: int, concurrency: int):
+        self.services = services
+        self.max_upload_mb = max_upload_mb
+        self.concurrency = concurrency  # generations the shared model runs at once
+        self.examples: list[Example] = find_examples()
+
+    # ------------------------------------------------------------------ helpers
+
+    def session(self, state: UserSession | None, request: gr.Request) -> UserSession:
+        """The page's session: from its gr.State, or new on the page's first event."""
+        if state is not None:
+            return state
+        return self.services.session_for(request.session_hash, request.username)
+
+    def view_updates(self, session: UserSession, message: str = "") -> dict:
+        """Every component that shows the image or depends on it, from the session's view."""
+        view = session.view
+        facts = view.loaded.facts
+        window = session.window if isinstance(session.window, str) else (CUSTOM if session.window else FILE_DEFAULT)
+        greyscale = is_greyscale_dicom(view)
+        return {
+            self.upload_msg: message, self.upload: None,
+            self.image: view.loaded.image, self.facts: facts_markdown(view),
+            self.window: gr.update(choices=window_choices(view), value=window, visible=greyscale),
+            self.centre: gr.update(value=(facts.window or {}).get("center"), visible=greyscale),
+            self.width: gr.update(value=(facts.window or {}).get("width"), visible=greyscale),
+            self.apply: gr.update(visible=greyscale),
+            self.frame: gr.update(minimum=1, maximum=max(facts.frames, 2), value=facts.frame_index + 1,
+                                  label=f"Frame {facts.frame_index + 1} / {facts.frames}", visible=facts.frames > 1),
+            self.overlay: view.overlay, self.sees: sees_markdown(view),
+            self.crops: [(crop, f"{i} {c.level}") for i, (crop, c) in enumerate(zip(view.crops, view.plan.crops, strict=True))],
+            self.chatbot: [], self.state: session,
+        }
+
+    # ------------------------------------------------------------------ image handlers
+
+    def on_upload(self, path: str | None, state: UserSession | None, request: gr.Request) -> dict:
+        session = self.session(state, request)
+        if not path:
+            return {self.state: session}
+        try:
+            source = read_upload(path, delete=is_upload(path))
+            session.load(source)
+        except IngestError as exc:
+            return {self.upload_msg: f"⚠️ {exc}", self.upload: None, self.state: session}
+        return self.view_updates(session, "Image loaded: new conversation.")
+
+    def on_window(self, choice: str, centre: float | None, width: float | None, state: UserSession | None, request: gr.Request) -> dict:
+        session = self.session(state, request)
+        if session.view is None:
+            return {self.state: session}
+        try:
+            session.redisplay(window_request(choice, centre, width), session.frame)
+        except IngestError as exc:
+            return {self.upload_msg: f"⚠️ {exc}", self.state: session}
+        return self.view_updates(session, "Window changed: new conversation about the new pixels.")
+
+    def on_frame(self, frame: float, state: UserSession | None, request: gr.Request) -> dict:
+        session = self.session(state, request)
+        if session.view is None:
+            return {self.state: session}
+        try:
+            session.redisplay(session.window, int(frame) - 1)
+        except IngestError as exc:
+            return {self.upload_msg: f"⚠️ {exc}", self.state: session}
+        return self.view_updates(session, "Frame changed: new conversation about the new pixels.")
+
+    def on_example(self, state: UserSession | None, evt: gr.SelectData, request: gr.Request) -> dict:
+        session = self.session(state, request)
+        example = self.examples[evt.index]
+        session.load(example.path.read_bytes())
+        updates = self.view_updates(session, f"Example loaded: {example.title}.")
+        updates[self.suggestions] = gr.update(choices=list(example.questions), value=None, visible=True)
+        return updates
+
+    # ------------------------------------------------------------------ chat handlers
+
+    def respond(self, message: str, history: list, temperature: float, top_p: float, max_new_tokens: int,
+                state: UserSession | None, request: gr.Request):
+        """Stream the answer into the chat, token by token."""
+        session = self.session(state, request)
+        if not message or not message.strip():
+            yield history, "", session
+            return
+        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens))) as stream:
+            for answer in stream:
+                history[-1] = {"role": "assistant", "content": answer}
+                yield history, "", session
+
+    def regenerate(self, history: list, temperature: float, top_p: float, max_new_tokens: int,
+                   state: UserSession | None, request: gr.Request):
+        session = self.session(state, request)
+        if not history or session.last_question is None:
+            gr.Warning("Nothing to regenerate yet: ask a question first.")
+            yield history, session
+            return
+        history = list(history)
+        with contextlib.closing(session.regenerate(params(temperature, top_p, max_new_tokens))) as stream:
+            for answer in stream:
+                history[-1] = {"role": "assistant", "content": answer}
+                yield history, session
+
+    def on_stop(self, state: UserSession | None) -> None:
+        if state is not None:
+            state.stop()
+
+    def on_clear(self, state: UserSession | None, request: gr.Request) -> tuple[list, UserSession]:
+        session = self.session(state, request)
+        session.clear()
+        return [], session
+
+    def on_like(self, history: list, state: UserSession | None, data: gr.LikeData) -> None:
+        if state is None or not isinstance(data.liked, bool) or not isinstance(data.index, int):
+            return
+        ordinal = sum(1 for m in history[: data.index] if m["role"] == "assistant")
+        state.feedback(ordinal, data.liked)
+
+    def on_unload(self, request: gr.Request) -> None:
+        self.services.close_session(request.session_hash)
+
+    # ------------------------------------------------------------------ API endpoints
+
+    def api_load_image(self, path: str, state: UserSession | None, request: gr.Request) -> tuple[dict, UserSession]:
+        """`/load_image`: a file -> its de-identified facts and crop plan (refusals raise gr.Error)."""
+        session = self.session(state, request)
+        try:
+            view = session.load(read_upload(path, delete=is_upload(path)))
+        except IngestError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        return view.to_dict(), session
+
+    def api_send(self, message: str, temperature: float, top_p: float, max_new_tokens: int,
+                 state: UserSession | None, request: gr.Request):
+        """`/send`: a message -> the answer so far, streamed; about the image loaded last, if any."""
+        session = self.session(state, request)
+        with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens))) as stream:
+            for answer in stream:
+                yield answer, session
+
+    # ------------------------------------------------------------------ history tab
+
+    def history_rows(self, request: gr.Request) -> tuple[list[list], dict]:
+        """Past sessions (only the signed-in user's own when login is on)."""
+        sessions = self.services.log.list_sessions(user=request.username)
+        rows = [[s["started_at"], s["user"] or "", s["model_id"], describe_facts(s["facts"]), s["images"], s["turns"], s["id"]]
+                for s in sessions]
+        choices = [(f"{s['started_at']} · {describe_facts(s['facts'])} · {s['turns']} turn(s)", s["id"]) for s in sessions]
+        return rows, gr.update(choices=choices, value=None)
+
+    def history_session(self, session_id: str | None, request: gr.Request) -> tuple[list, str | None, str]:
+        if not session_id:
+            return [], None, ""
+        data = self.services.log.export(session_id)
+        if not data["sessions"] or (request.username and data["sessions"][0]["user"] != request.username):
+            return [], None, ""
+        chat = []
+        for turn in data["sessions"][0]["turns"]:
+            chat += [{"role": "user", "content": turn["question"]},
+                     {"role": "assistant", "content": f"{turn['answer']}\n\n<small>{turn['status']}</small>"}]
+        text = json.dumps(data, indent=2)
+        path = Path(tempfile.mkdtemp(prefix="dragonfly-export-")) / f"session-{session_id}.json"
+        path.write_text(text)
+        return chat, str(path), text
+
+    # ------------------------------------------------------------------ layout
+
+    def build(self) -> gr.Blocks:
+        model_id = self.services.engine.model_id
+        # files older than 15 min are removed from Gradio's cache every 5 min
+        with gr.Blocks(title="Dragonfly-Med Studio", delete_cache=(300, 900)) as demo:
+            self.state = gr.State(None, delete_callback=close_state)
+            gr.Markdown(f"# Dragonfly-Med Studio\n**Model:** `{model_id}`\n\n{NOTICE}", elem_id="header")
+            with gr.Tab("Studio"):
+                with gr.Row(equal_height=False):
+                    self._image_column()
+                    self._model_sees_column()
+                    self._chat_column()
+            with gr.Tab("History") as history_tab:
+                self._history_tab(history_tab)
+            self._api_endpoints()
+            self._wire()
+            demo.unload(self.on_unload)
+        return demo
+
+    def _image_column(self) -> None:
+        with gr.Column(scale=1):
+            self.upload = gr.File(label=f"Image: click or drop a DICOM (any or no extension) or photo, ≤ {self.max_upload_mb} MB",
+                                  file_count="single", type="filepath", elem_id="upload")
+            self.upload_msg = gr.Markdown(NO_IMAGE_HINT, elem_id="upload-message")
+            self.image = gr.Image(label="Image", type="pil", format="png", interactive=False, elem_id="image")
+            with gr.Row():
+                self.window = gr.Dropdown(label="Window", choices=[("File default", FILE_DEFAULT)], value=FILE_DEFAULT,
+                                          visible=False, elem_id="window")
+                self.centre = gr.Number(label="Centre", visible=False, min_width=80)
+                self.width = gr.Number(label="Width", visible=False, min_width=80)
+                self.apply = gr.Button("Apply", visible=False, size="sm")
+            self.frame = gr.Slider(1, 2, step=1, value=1, label="Frame", visible=False, elem_id="frame")
+            self.facts = gr.Markdown(elem_id="facts")
+            self.gallery = gr.Gallery(value=[(thumbnail(load_image(e.path).image), e.title) for e in self.examples],
+                                      label="Examples (click to load)", columns=5, height=150, allow_preview=False,
+                                      format="png", elem_id="examples")
+            self.suggestions = gr.Radio(label="Suggested questions", choices=[], visible=False)
+
+    def _model_sees_column(self) -> None:
+        with gr.Column(scale=1):
+            self.overlay = gr.Image(label="What the model sees", type="pil", format="png", interactive=False, elem_id="overlay")
+            self.sees = gr.Markdown(elem_id="model-sees")
+            self.crops = gr.Gallery(label="Crops in model order", columns=6, height=260, format="png", elem_id="crops")
+
+    def _chat_column(self) -> None:
+        with gr.Column(scale=1):
+            self.chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat")
+            self.message = gr.Textbox(label="Question", placeholder="Ask about the image (or a text-only question)",
+                                      lines=2, elem_id="question")
+            with gr.Row():
+                self.send = gr.Button("Send", variant="primary", elem_id="send")
+                self.stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                self.regen = gr.Button("Regenerate", elem_id="regenerate")
+                self.clear = gr.Button("Clear", elem_id="clear")
+            with gr.Accordion("Sampling settings", open=False):
+                self.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                self.top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                self.max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
+
+    def _history_tab(self, tab: gr.Tab) -> None:
+        self.refresh = gr.Button("Refresh", size="sm")
+        self.table = gr.Dataframe(headers=["started (UTC)", "user", "model", "image", "images", "turns", "id"],
+                                  interactive=False, elem_id="history-table")
+        self.pick = gr.Dropdown(label="Session", choices=[])
+        self.past_chat = gr.Chatbot(label="Conversation", height=360)
+        self.export_file = gr.File(label="Export (JSON)", interactive=False)
+        self.export_json = gr.Code(language="json", label="JSON")
+        self.history_tab = tab
+
+    def _api_endpoints(self) -> None:
+        """Hidden components behind `/load_image` and `/send` (API clients only)."""
+        with gr.Row(visible=False):
+            self.api_file = gr.File(type="filepath")
+            self.api_info = gr.JSON()
+            self.api_message = gr.Textbox()
+            self.api_answer = gr.Textbox()
+            self.api_load = gr.Button()
+            self.api_ask = gr.Button()
+
+    def _wire(self) -> None:
+        hidden = {"api_visibility": "undocumented"}
+        view_outputs = [self.upload_msg, self.upload, self.image, self.facts, self.window, self.centre, self.width,
+                        self.apply, self.frame, self.overlay, self.sees, self.crops, self.chatbot, self.state]
+        self.upload.upload(self.on_upload, [self.upload, self.state], view_outputs, **hidden)
+        self.window.input(self.on_window, [self.window, self.centre, self.width, self.state], view_outputs, **hidden)
+        self.apply.click(self.on_window, [self.window, self.centre, self.width, self.state], view_outputs, **hidden)
+        self.frame.release(self.on_frame, [self.frame, self.state], view_outputs, **hidden)
+        self.gallery.select(self.on_example, [self.state], [*view_outputs, self.suggestions], **hidden)
+        self.suggestions.input(lambda q: q, [self.suggestions], [self.message], **hidden)
+
+        sampling = [self.temperature, self.top_p, self.max_new_tokens]
+        model = {"concurrency_id": MODEL_GROUP, "concurrency_limit": self.concurrency, **hidden}
+        chat_in, chat_out = [self.message, self.chatbot, *sampling, self.state], [self.chatbot, self.message, self.state]
+        sent = self.send.click(self.respond, chat_in, chat_out, **model)
+        submitted = self.message.submit(self.respond, chat_in, chat_out, **model)
+        regenerated = self.regen.click(self.regenerate, [self.chatbot, *sampling, self.state], [self.chatbot, self.state], **model)
+        self.stop.click(self.on_stop, [self.state], None, cancels=[sent, submitted, regenerated], **hidden)
+        self.clear.click(self.on_clear, [self.state], [self.chatbot, self.state], **hidden)
+        self.chatbot.like(self.on_like, [self.chatbot, self.state], None, **hidden)
+
+        for trigger in (self.refresh.click, self.history_tab.select):
+            trigger(self.history_rows, None, [self.table, self.pick], **hidden)
+        self.pick.input(self.history_session, [self.pick], [self.past_chat, self.export_file, self.export_json], **hidden)
+
+        self.api_load.click(self.api_load_image, [self.api_file, self.state], [self.api_info, self.state], api_name="load_image")
+        self.api_ask.click(self.api_send, [self.api_message, *sampling, self.state], [self.api_answer, self.state],
+                           api_name="send", concurrency_id=MODEL_GROUP, concurrency_limit=self.concurrency)
+
+
+def params(temperature: float, top_p: float, max_new_tokens: float) -> SamplingParams:
+    return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens))
+
+
+def is_upload(path: str) -> bool:
+    """Only files inside Gradio's upload cache are ours to delete."""
+    return Path(path).resolve().is_relative_to(Path(get_upload_folder()).resolve())
+
+
+def describe_facts(facts: dict) -> str:
+    if not facts:
+        return "text only"
+    kind = facts.get("modality") or facts.get("format") or facts.get("kind", "")
+    return f"{kind} {facts.get('columns')}×{facts.get('rows')}"
+
+
+def close_state(session: UserSession | None) -> None:
+    """Gradio drops a page's state some time after the page closes: end its session too."""
+    if session is not None:
+        session.services.close_session(session.key)
+
+
+def build_page(services: Services, max_upload_mb: int, concurrency: int) -> gr.Blocks:
+    return Page(services, max_upload_mb, concurrency).build()
+
