@@ -297,7 +297,7 @@ def test_dicom_detected_by_content_without_extension_or_preamble(tmp_path):
     ds = pydicom.dcmread(corpus("CT_small.dcm"))
     no_preamble = tmp_path / "IM000001"
     with open(no_preamble, "wb") as f:
-        pydicom.dcmwrite(f, ds, enforce_file_format=False, write_like_original=True)
+        pydicom.dcmwrite(f, ds, enforce_file_format=False)
     raw = no_preamble.read_bytes()
     raw = raw[132:] if raw[128:132] == b"DICM" else raw
     no_preamble.write_bytes(raw)
