@@ -34,6 +34,14 @@ NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "efficientnet-lite0": (LITE0_MEA
 ImageLike = Image.Image | np.ndarray
 
 
+def normalization_for(vision_config: Any) -> dict[str, tuple[float, ...]]:
+    """image_mean / image_std of a vision tower, by its config's model_type."""
+    model_type = str(getattr(vision_config, "model_type", vision_config))
+    key = "efficientnet-lite0" if "efficientnet" in model_type else "clip"
+    mean, std = NORMALIZATION[key]
+    return {"image_mean": mean, "image_std": std}
+
+
 def to_rgb(image: ImageLike) -> Image.Image:
     """Any PIL image or array -> 8-bit RGB as a viewer would show it.
 
@@ -104,8 +112,10 @@ class DragonflyImageProcessor(BaseImageProcessor):
     ) -> None:
         kwargs.pop("image_processor_type", None)
         super().__init__(**kwargs)
-        if geometry is None:
-            geometry = Geometry(crop_size=336, feature_grid=24, pooled_grid=6, cls_token=True)
+        if geometry is None:  # the released geometry, derived from its CLIP tower's config
+            from .configuration_dragonfly import named_geometry
+
+            geometry = named_geometry("dragonfly-med-v2")
         self.geometry = geometry.to_dict() if isinstance(geometry, Geometry) else dict(geometry)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
@@ -169,6 +179,11 @@ class DragonflyImageProcessor(BaseImageProcessor):
             image_std=config.get("image_std", CLIP_STD),
             rescale_factor=config.get("rescale_factor", 1 / 255),
         )
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> DragonflyImageProcessor:
+        """The processor a `DragonflyConfig` implies: its geometry and its tower's normalisation."""
+        return cls(geometry=config.get_geometry(), **normalization_for(config.vision_config))
 
     # ----------------------------------------------------------------- planning
 
