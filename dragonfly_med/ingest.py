@@ -628,6 +628,8 @@ def _grey_to_uint8(
 ) -> tuple[np.ndarray, Window]:
     """Modality LUT -> VOI LUT or window -> MONOCHROME1 inversion -> uint8."""
     values = _apply_modality(arr, ds, index)
+    if values.dtype.kind == "f" and arr.dtype.kind == "f":  # Float Pixel Data may hold NaN/inf
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     lut_item = _voi_lut_item(ds) if request in (None, "file") else None
     if lut_item is not None:
         out, window = _apply_voi_lut_table(values, ds, lut_item)
@@ -766,7 +768,6 @@ def _apply_window(values: np.ndarray, window: Window) -> np.ndarray:
         out = (values - c) / w + 0.5
     else:  # LINEAR
         out = (values - (c - 0.5)) / max(w - 1.0, 1e-6) + 0.5
-    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -927,6 +928,7 @@ def _photo_to_rgb(img: Image.Image) -> tuple[Image.Image, Window | None]:
         arr = np.asarray(img).astype(np.float64)
         finite = arr[np.isfinite(arr)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        arr = np.where(np.isfinite(arr), arr, lo)
         window = Window((lo + hi) / 2.0, hi - lo, "minmax", "MINMAX")
         grey = (_apply_window(arr, window) * 255.0 + 0.5).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB"), window

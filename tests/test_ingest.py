@@ -584,3 +584,26 @@ def test_facts_are_json_safe():
         assert json.loads(json.dumps(facts)) == facts
         for key in ("kind", "modality", "rows", "columns", "frames", "photometric", "window"):
             assert key in facts
+
+
+def test_float_pixel_data_dicom_with_nan():
+    ds = pydicom.dcmread(corpus("MR_small.dcm"))
+    del ds.PixelData
+    for keyword in ("BitsStored", "HighBit", "PixelRepresentation", "WindowCenter", "WindowWidth"):
+        delattr(ds, keyword)
+    ds.BitsAllocated = 32
+    values = np.linspace(-1, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    values[0, 0] = np.nan
+    ds.FloatPixelData = values.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    loaded = load_image(buf.getvalue())
+    grey = np.asarray(loaded.image)[..., 0]
+    assert grey[0, 1] == 0 and grey[-1, -1] == 255
+    assert loaded.facts.window["source"] == "minmax"
+
+
+def test_nan_in_float_tiff_does_not_break_scaling():
+    values = np.array([[np.nan, 1.0], [np.inf, 3.0]], dtype=np.float32)
+    grey = np.asarray(load_image(_encode(Image.fromarray(values, mode="F"), "TIFF")).image)[..., 0]
+    assert grey[0, 1] == 0 and grey[1, 1] == 255
