@@ -607,3 +607,39 @@ def test_nan_in_float_tiff_does_not_break_scaling():
     values = np.array([[np.nan, 1.0], [np.inf, 3.0]], dtype=np.float32)
     grey = np.asarray(load_image(_encode(Image.fromarray(values, mode="F"), "TIFF")).image)[..., 0]
     assert grey[0, 1] == 0 and grey[1, 1] == 255
+
+
+def test_enhanced_multiframe_reads_functional_groups(tmp_path):
+    """Enhanced CT keeps rescale, window and spacing per frame / shared, not at top level."""
+    ds = pydicom.dcmread(corpus("CT_small.dcm"))
+    stored = ds.pixel_array
+    for keyword in ("RescaleSlope", "RescaleIntercept", "PixelSpacing"):
+        delattr(ds, keyword)
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([stored, stored]).tobytes()
+
+    def group(intercept: float, center: float) -> pydicom.Dataset:
+        transform, voi, item = pydicom.Dataset(), pydicom.Dataset(), pydicom.Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept = 1, intercept
+        voi.WindowCenter, voi.WindowWidth = center, 400
+        item.PixelValueTransformationSequence = [transform]
+        item.FrameVOILUTSequence = [voi]
+        return item
+
+    measures, shared = pydicom.Dataset(), pydicom.Dataset()
+    measures.PixelSpacing = [0.5, 0.5]
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = [group(-1024, 40), group(0, 1064)]
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    first, second = load_image(path, frame=0), load_image(path, frame=1)
+    assert first.facts.pixel_spacing == [0.5, 0.5]
+    assert (first.facts.window["center"], second.facts.window["center"]) == (40, 1064)
+    # Same HU window once the per-frame intercept is applied: identical display.
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+    hu = stored.astype(np.float64) - 1024
+    assert (
+        np.abs(np.asarray(first.image)[..., 0].astype(int) - _expected_linear(hu, 40, 400)).max()
+        <= 1
+    )
