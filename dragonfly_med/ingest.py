@@ -232,6 +232,10 @@ class _Source:
                     "The file could not be found or opened: check that it still exists and that "
                     "you may read it"
                 ) from exc
+            if not path.is_file():
+                raise UnsupportedError(
+                    "This is not a regular file (a device or pipe): choose the image file itself"
+                )
             src = cls(path, None, size)
         else:
             raise InvalidRequestError(
@@ -244,8 +248,8 @@ class _Source:
             )
         if src.size > limits.max_file_bytes:
             raise TooLargeError(
-                f"The file is {src.size / MiB:.0f} MiB, above the limit of "
-                f"{limits.max_file_bytes / MiB:.0f} MiB: choose a single image or series file, "
+                f"The file is {_size_text(src.size)}, above the limit of "
+                f"{_size_text(limits.max_file_bytes)}: choose a single image or series file, "
                 "or ask the administrator to raise the limit"
             )
         return src
@@ -424,7 +428,7 @@ def _has_public_elements(ds) -> bool:
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
-# Non-image DICOM objects: (test, message). First match wins.
+# Non-image DICOM objects: (word in the SOP class name, modality, what it holds); first match.
 _NON_IMAGE = [
     ("Structured Report", "SR", "a structured report"),
     ("Presentation State", "PR", "a presentation state (display settings)"),
@@ -960,6 +964,10 @@ def _reraise_if_fatal(exc: BaseException) -> None:
     """
     if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
         raise exc
+
+
+def _size_text(n: int) -> str:
+    return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.1f} KiB"
 
 
 def _text(value: Any) -> str | None:

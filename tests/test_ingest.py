@@ -643,3 +643,10 @@ def test_enhanced_multiframe_reads_functional_groups(tmp_path):
         np.abs(np.asarray(first.image)[..., 0].astype(int) - _expected_linear(hu, 40, 400)).max()
         <= 1
     )
+
+
+def test_device_files_are_refused():
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null")
+    with pytest.raises(UnsupportedError, match="not a regular file"):
+        load_image("/dev/null")
