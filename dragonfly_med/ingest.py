@@ -608,7 +608,9 @@ def _colour_to_uint8(arr: np.ndarray, ds) -> np.ndarray:
     """RGB (YBR already converted by the decoder) at any bit depth -> uint8 by bit depth."""
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
-    bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
+    bits = _as_int(ds.get("BitsStored")) or 0
+    if not 1 <= bits <= arr.dtype.itemsize * 8:
+        bits = arr.dtype.itemsize * 8
     scale = 255.0 / float(2**bits - 1)
     return np.clip(arr.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
 
