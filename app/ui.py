@@ -316,7 +316,7 @@ class Page:
             with gr.Accordion("Sampling settings", open=False):
                 self.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 self.top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                self.max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
+                self.max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens", elem_id="max-new-tokens")
 
     def _history_tab(self, tab: gr.Tab) -> None:
         self.refresh = gr.Button("Refresh", size="sm")

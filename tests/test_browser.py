@@ -1,0 +1,83 @@
+"""The page in a real browser: Playwright driving Debian's Chromium (/usr/bin/chromium).
+
+Upload an extensionless DICOM carrying patient identifiers, see the grid overlay and the zoom
+ratio (and no identifier anywhere on the page), ask, watch the answer stream, press Stop.
+Screenshots go to test-artifacts/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from app_server import ROOT, phi_dicom, phi_leaks, start_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+
+if not CHROMIUM.exists():
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("browser")
+    server = start_server(workdir, workdir / "log.sqlite", "--concurrency", "1", name="browser")
+    yield server, workdir
+    server.stop()
+
+
+@pytest.fixture()
+def page(served):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.set_default_timeout(60_000)
+        page.goto(served[0].url)
+        yield page
+        browser.close()
+
+
+def answer_text(page) -> str:
+    bot = page.locator("#chat .bot")
+    return bot.last.inner_text() if bot.count() else ""
+
+
+def test_upload_overlay_ask_stream_stop(page, served) -> None:
+    server, workdir = served
+    assert "not for diagnostic use" in page.locator("#header").inner_text().lower()
+    page.locator("#upload input[type=file]").set_input_files(str(phi_dicom(workdir)))
+    page.get_by_text("high-resolution view:").wait_for()
+    page.locator("#overlay img").wait_for()
+    assert "x native" in page.locator("#model-sees").inner_text()
+    assert "CT" in page.locator("#facts").inner_text()
+    page.locator("#crops img").first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "browser-1-loaded.png"), full_page=True)
+    assert phi_leaks(page.content()) == []
+
+    page.get_by_text("Sampling settings").click()
+    tokens = page.locator("#max-new-tokens input[type=number]")
+    tokens.fill("1024")
+    tokens.press("Enter")
+    page.locator("#question textarea").fill("Count from 1 to 1000, separated by commas.")
+    page.locator("#send").click()
+    page.wait_for_function("() => (document.querySelector('#chat .bot:last-of-type')?.innerText || '').length > 0")
+    first = answer_text(page)
+    page.wait_for_function(f"() => (document.querySelector('#chat .bot:last-of-type')?.innerText || '').length > {len(first)}")
+    page.screenshot(path=str(ARTIFACTS / "browser-2-streaming.png"), full_page=True)
+    page.locator("#stop").click()
+    time.sleep(3)
+    stopped = answer_text(page)
+    time.sleep(3)
+    assert answer_text(page) == stopped, "the answer kept growing after Stop"
+    page.screenshot(path=str(ARTIFACTS / "browser-3-stopped.png"), full_page=True)
+    con = sqlite3.connect(workdir / "log.sqlite")
+    rows = con.execute("SELECT status, new_tokens FROM turns").fetchall()
+    con.close()
+    assert rows and rows[-1][0] == "stopped" and rows[-1][1] < 1024, rows
+    assert phi_leaks(page.content()) == []
