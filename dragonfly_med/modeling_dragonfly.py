@@ -147,6 +147,7 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_embeds: Sequence[torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -154,7 +155,9 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
     ) -> CausalLMOutputWithPast:
         """`input_ids` with the image block already expanded (one placeholder per visual token);
         images as `pixel_values` + `num_crops`, or as `image_embeds` from `encode_images` (so a
-        chat can encode its image once). `past_key_values` is accepted as the old name of `cache`."""
+        chat can encode its image once). `image_sizes` is accepted so that the processor's output
+        can be passed as is; the crop layout is already in `num_crops` and the placeholders.
+        `past_key_values` is accepted as the old name of `cache`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and image_embeds is not None:
