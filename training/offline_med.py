@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from tqdm import tqdm
@@ -95,7 +96,7 @@ class Writer:
         self.counts[(split, folder)] += 1
         relative = f"images/{split}/{folder}/{self.counts[(split, folder)]:05d}.png"
         (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
-        sample.image.save(self.root / relative, compress_level=3)
+        sample.image.save(self.root / relative, compress_level=1)
         if sample.image_key:
             self.saved[sample.image_key] = relative
         return relative
@@ -116,6 +117,8 @@ class Writer:
         }
         if len(sample.turns) == 1 and sample.turns[0].options:
             record["options"] = list(sample.turns[0].options)
+        if sample.detail:
+            record["detail"] = sample.detail
         return record
 
 
@@ -141,9 +144,9 @@ def build(out: Path, seed: int = 0, scale_name: str = "full") -> dict:
             (manifest["sources"].setdefault(split, []) if loaded else manifest["skipped"]).append(source.id)
         rng = random.Random(f"{seed}:{split}")
         bal = Balancer(random.Random(f"{seed}:{split}:balance"))
-        samples = [*view_samples(split, views, rng, bal), *fine_detail_samples(split, views, scale, rng, bal)]
+        samples = chain(view_samples(split, views, rng, bal), fine_detail_samples(split, views, scale, rng, bal))
         records, index = [], Counter()
-        for sample in tqdm(samples, desc=f"{split} samples", file=sys.stderr, leave=False):
+        for sample in tqdm(samples, desc=f"{split} samples", file=sys.stderr, leave=False):  # streamed: canvases are large
             index[sample.family] += 1
             record = writer.record(split, index[sample.family], sample)
             (captions if sample.family == "caption" else records).append(record)

@@ -76,6 +76,7 @@ class Sample:
     image: Image.Image
     turns: list[Turn]
     image_key: str | None = None
+    detail: dict | None = None  # fine-detail family: what was drawn where, for audits and tests
 
     @property
     def answer_type(self) -> str:
@@ -206,7 +207,7 @@ def finding_sample(view: View, rng: random.Random, bal: Balancer) -> Sample:
     """A simulated lesion (6-10% of the width, visible at any resolution): presence or location."""
     if rng.random() < 0.35:
         image, drawn = draw_lesion(view.image, rng)
-        where = quadrant(drawn.x, drawn.y, image.width, image.height)
+        where = quadrant(*drawn.centre, image.width, image.height)
         if rng.random() < 0.5:
             turn = closed_choice(rng, bal, "finding_quadrant", where, QUADRANTS, "A simulated round lesion was added to this image. In which image quadrant is it: {}?", n=4)
         else:
@@ -290,12 +291,14 @@ def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer)
     canvas = upsample_canvas(view.image, side, rng)
     if rng.random() < 0.5:
         present = bal.flip("fine_dot:yes")
+        detail = {"kind": "dot", "box": None}
         if present:
-            canvas = draw_blob(canvas, rng)[0]
+            canvas, drawn = draw_blob(canvas, rng)
+            detail["box"] = list(drawn.box)
         turn = Turn("Look closely: is there a tiny round dot somewhere in this image? Answer yes or no.", yes_no(present), ("yes", "no"))
-        return Sample("fine_detail", view.source, canvas, [turn])
+        return Sample("fine_detail", view.source, canvas, [turn], detail=detail)
     text = random_label(rng)
-    canvas = draw_label(canvas, text, rng)[0]
+    canvas, drawn = draw_label(canvas, text, rng)
     question = "A tiny label is printed somewhere in this image. What does it say"
     if rng.random() < 0.7:
         other = text
@@ -305,4 +308,4 @@ def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer)
         turn = Turn(f"{question}: {options[0]} or {options[1]}?", text, options)
     else:
         turn = Turn(f"{question}?", text)
-    return Sample("fine_detail", view.source, canvas, [turn])
+    return Sample("fine_detail", view.source, canvas, [turn], detail={"kind": "label", "box": list(drawn.box), "text": text})

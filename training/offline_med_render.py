@@ -1,9 +1,10 @@
 """Pixel operations of the offline medical data builder: windows, marks, lesions, fine details.
 
 Everything drawn here is a fact the questions can rely on, so each function returns where and
-what it drew. Sizes of fine details are fractions of the canvas width because the model's low
-view squashes the whole image to one crop: a detail of fraction f covers about 224*f low-view
-pixels and 6*224*f high-view pixels (high canvas of a 2x2 medium grid), whatever the canvas size.
+what it drew. Fine details are drawn on square canvases and sized as fractions f of the side,
+because the model's low view squashes the whole image to one crop: a detail covers about 224*f
+low-view pixels and 6*224*f high-view pixels (high canvas of a 2x2 medium grid), whatever the
+canvas size.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 # CT display windows as (centre, width) in HU, the ones radiologists use for the head.
 WINDOWS = {"brain": (40, 80), "bone": (480, 2500), "soft tissue": (40, 400)}
@@ -48,15 +49,16 @@ def foreground_point(image: Image.Image, rng: random.Random, margin: float = 0.1
     Marks and lesions drawn on air or on the burned-in text of an ultrasound frame would be
     trivially visible, so they are placed on tissue.
     """
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    step = max(1, max(image.size) // 512)  # candidates on a coarse grid: canvases are large
+    grey = np.asarray(image.convert("L"), dtype=np.float32)[::step, ::step]
     h, w = grey.shape
     mx, my = int(w * margin), int(h * margin)
     inner = grey[my : h - my, mx : w - mx]
     ys, xs = np.nonzero(inner > max(np.percentile(grey, 25), 20))
     if len(xs) == 0:
-        return rng.randrange(mx, w - mx), rng.randrange(my, h - my)
+        return step * rng.randrange(mx, w - mx), step * rng.randrange(my, h - my)
     i = rng.randrange(len(xs))
-    return int(xs[i]) + mx, int(ys[i]) + my
+    return step * (int(xs[i]) + mx), step * (int(ys[i]) + my)
 
 
 def draw_marker(image: Image.Image, x: int, y: int) -> Image.Image:
@@ -71,12 +73,15 @@ def draw_marker(image: Image.Image, x: int, y: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class Drawn:
-    """Where a lesion or fine detail was drawn, in pixels of the returned image."""
+    """Where a lesion or fine detail was drawn: its box in pixels of the returned image and its
+    signed contrast to the surroundings in grey levels."""
 
-    x: int
-    y: int
-    size: float
+    box: tuple[int, int, int, int]
     contrast: float
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
 
 
 def _contrast_sign(pixels: np.ndarray, x: int, y: int, radius: int) -> int:
@@ -98,7 +103,9 @@ def draw_disk(image: Image.Image, x: int, y: int, diameter: float, contrast: flo
     if pixels.ndim == 3:
         weight = weight[..., None]
     pixels[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = np.clip(patch + sign * contrast * weight, 0, 255)
-    return Image.fromarray(pixels), Drawn(x, y, diameter, sign * contrast)
+    r = diameter / 2
+    box = (round(x - r), round(y - r), round(x + r), round(y + r))
+    return Image.fromarray(pixels), Drawn(box, sign * contrast)
 
 
 def draw_lesion(image: Image.Image, rng: random.Random) -> tuple[Image.Image, Drawn]:
@@ -109,13 +116,16 @@ def draw_lesion(image: Image.Image, rng: random.Random) -> tuple[Image.Image, Dr
 
 
 def upsample_canvas(image: Image.Image, side: int, rng: random.Random) -> Image.Image:
-    """Stretch an image to a large square canvas and add faint grain, as a high-resolution scan.
+    """Enlarge an image onto a black square canvas of `side` px and add faint grain.
 
-    The grain (sigma 4 grey levels) makes a sub-pixel residue of a detail in the low view
-    indistinguishable from texture, as it would be in a real acquisition.
+    Square, so that a detail's fraction of the side is the same in both directions of the
+    (squashed) low view. The grain (sigma 4 grey levels) gives the smooth enlargement the fine
+    texture of a real high-resolution scan, so a crisp detail is not the only fine structure.
     """
-    canvas = np.asarray(image.convert("L").resize((side, side), Image.BICUBIC), dtype=np.float32)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 4, canvas.shape)
+    canvas = np.asarray(ImageOps.pad(image, (side, side), Image.BICUBIC, color="black"), dtype=np.float32)
+    noise = 4 * np.random.default_rng(rng.randrange(2**32)).standard_normal(canvas.shape[:2], dtype=np.float32)
+    if canvas.ndim == 3:
+        noise = noise[..., None]
     return Image.fromarray(np.clip(canvas + noise, 0, 255).astype(np.uint8))
 
 
@@ -127,7 +137,7 @@ def detail_position(canvas: Image.Image, rng: random.Random) -> tuple[int, int]:
 def draw_blob(canvas: Image.Image, rng: random.Random) -> tuple[Image.Image, Drawn]:
     """A tiny lesion-like dot, 0.25-0.35% of the width: gone in the low view, clear in the high."""
     x, y = detail_position(canvas, rng)
-    return draw_disk(canvas, x, y, rng.uniform(*BLOB_FRACTION) * canvas.width, rng.uniform(70, 100))
+    return draw_disk(canvas, x, y, rng.uniform(*BLOB_FRACTION) * canvas.width, rng.uniform(80, 110))
 
 
 def label_font(height: int) -> ImageFont.ImageFont:
@@ -149,9 +159,10 @@ def draw_label(canvas: Image.Image, text: str, rng: random.Random) -> tuple[Imag
     pad = max(1, round(glyph * 0.2))
     x, y = detail_position(canvas, rng)
     x0, y0 = x - (right - left) // 2 - pad, y - (bottom - top) // 2 - pad
-    draw.rectangle([x0, y0, x0 + right - left + 2 * pad, y0 + bottom - top + 2 * pad], fill=0)
-    draw.text((x0 + pad - left, y0 + pad - top), text, fill=255, font=font)
-    return out, Drawn(x, y, float(bottom - top), 255.0)
+    draw.rectangle([x0, y0, x0 + right - left + 2 * pad - 1, y0 + bottom - top + 2 * pad - 1], fill="black")
+    draw.text((x0 + pad - left, y0 + pad - top), text, fill="white", font=font)
+    box = (x0, y0, x0 + right - left + 2 * pad, y0 + bottom - top + 2 * pad)
+    return out, Drawn(box, 255.0)
 
 
 def random_label(rng: random.Random, length: int | None = None) -> str:

@@ -258,7 +258,7 @@ def load_atlas() -> tuple[np.ndarray, np.ndarray]:
 
 
 def aal_names() -> dict[int, str]:
-    """AAL index -> readable name ('Frontal_Sup_Orb_L' -> 'superior frontal gyrus, orbital part, left')."""
+    """AAL index -> readable name, e.g. 'Temporal_Mid_L' -> 'left middle temporal gyrus'."""
     names = {}
     for line in (MRICRON_TEMPLATES / "aal.nii.txt").read_text().splitlines():
         parts = line.split()
@@ -267,22 +267,46 @@ def aal_names() -> dict[int, str]:
     return names
 
 
-AAL_WORDS = {
-    "Sup": "superior", "Mid": "middle", "Inf": "inferior", "Med": "medial", "Orb": "orbital",
-    "Oper": "opercular", "Tri": "triangular", "Ant": "anterior", "Post": "posterior",
-    "Supp": "supplementary", "Motor": "motor", "Area": "area", "Rolandic": "rolandic",
-    "Cingulum": "cingulate", "ParaHippocampal": "parahippocampal", "Paracentral": "paracentral",
-    "Lobule": "lobule", "Cerebelum": "cerebellum", "Vermis": "vermis", "Heschl": "Heschl",
-    "Calcarine": "calcarine", "Cuneus": "cuneus", "Lingual": "lingual", "Fusiform": "fusiform",
+AAL_BASE = {
+    "Amygdala": "amygdala", "Angular": "angular gyrus", "Calcarine": "calcarine cortex",
+    "Caudate": "caudate nucleus", "Cingulum_Ant": "anterior cingulate gyrus",
+    "Cingulum_Mid": "middle cingulate gyrus", "Cingulum_Post": "posterior cingulate gyrus",
+    "Cuneus": "cuneus", "Frontal_Inf_Oper": "inferior frontal gyrus, opercular part",
+    "Frontal_Inf_Orb": "inferior frontal gyrus, orbital part",
+    "Frontal_Inf_Tri": "inferior frontal gyrus, triangular part",
+    "Frontal_Med_Orb": "medial orbitofrontal cortex", "Frontal_Mid": "middle frontal gyrus",
+    "Frontal_Mid_Orb": "middle frontal gyrus, orbital part", "Frontal_Sup": "superior frontal gyrus",
+    "Frontal_Sup_Medial": "medial superior frontal gyrus",
+    "Frontal_Sup_Orb": "superior frontal gyrus, orbital part", "Fusiform": "fusiform gyrus",
+    "Heschl": "Heschl's gyrus", "Hippocampus": "hippocampus", "Insula": "insula",
+    "Lingual": "lingual gyrus", "Occipital_Inf": "inferior occipital gyrus",
+    "Occipital_Mid": "middle occipital gyrus", "Occipital_Sup": "superior occipital gyrus",
+    "Olfactory": "olfactory cortex", "Pallidum": "globus pallidus",
+    "ParaHippocampal": "parahippocampal gyrus", "Paracentral_Lobule": "paracentral lobule",
+    "Parietal_Inf": "inferior parietal lobule", "Parietal_Sup": "superior parietal lobule",
+    "Postcentral": "postcentral gyrus", "Precentral": "precentral gyrus", "Precuneus": "precuneus",
+    "Putamen": "putamen", "Rectus": "gyrus rectus", "Rolandic_Oper": "rolandic operculum",
+    "Supp_Motor_Area": "supplementary motor area", "SupraMarginal": "supramarginal gyrus",
+    "Temporal_Inf": "inferior temporal gyrus", "Temporal_Mid": "middle temporal gyrus",
+    "Temporal_Pole_Mid": "temporal pole of the middle temporal gyrus",
+    "Temporal_Pole_Sup": "temporal pole of the superior temporal gyrus",
+    "Temporal_Sup": "superior temporal gyrus", "Thalamus": "thalamus",
 }
 
 
 def readable_region(name: str) -> str:
-    """Expand an AAL label into plain words, keeping the hemisphere."""
-    parts = name.split("_")
-    side = {"L": "left", "R": "right"}.get(parts[-1])
-    words = [AAL_WORDS.get(p, p.lower()) for p in (parts[:-1] if side else parts)]
-    return " ".join(words) + (f", {side}" if side else "")
+    """Plain words for an AAL label, hemisphere first; cerebellar lobules keep their numbers."""
+    base, _, suffix = name.rpartition("_")
+    side = {"L": "left", "R": "right"}.get(suffix)
+    base = base if side else name
+    if base.startswith(("Cerebelum_", "Vermis_")):
+        part, _, lobule = base.partition("_")
+        lobule = lobule.replace("_", "-")
+        lobule = f"crus {lobule[4:]}" if lobule.startswith("Crus") else f"lobule {lobule}"
+        text = f"{'cerebellar' if part == 'Cerebelum' else 'vermis'} {lobule}"
+    else:
+        text = AAL_BASE.get(base, base.replace("_", " ").lower())
+    return f"{side} {text}" if side else text
 
 
 # ---------------------------------------------------------------- catalogue

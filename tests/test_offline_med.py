@@ -1,0 +1,193 @@
+"""The offline medical data builder: valid records, honest splits, details that need zooming in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training import offline_med, offline_med_sources
+from training.offline_med_render import (
+    BLOB_FRACTION,
+    LABEL_FRACTION,
+    draw_blob,
+    draw_label,
+    upsample_canvas,
+)
+from training.offline_med_sources import display_slice, invesalius_file
+
+SPLITS = ("train", "val", "test")
+DEBIAN_INSTALLED = invesalius_file() is not None and offline_med_sources.MRICRON_TEMPLATES.exists()
+
+
+def read(root: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("offline_med")
+    offline_med.build(out, seed=0, scale_name="small")
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(built) -> dict[str, list[dict]]:
+    return {split: read(built, split) for split in SPLITS}
+
+
+def test_every_split_has_records_and_the_manifest_counts_them(built, records):
+    manifest = json.loads((built / "manifest.json").read_text())
+    for split in SPLITS:
+        assert records[split], split
+        assert manifest["counts"][split] == dict(Counter(r["family"] for r in records[split]))
+    assert {"modality", "body_region", "finding", "fine_detail"} <= set(manifest["counts"]["test"])
+    assert read(built, "captions")
+
+
+def test_records_are_valid_llava(built, records):
+    for record in [r for split in SPLITS for r in records[split]] + read(built, "captions"):
+        assert set(record) >= {"id", "image", "conversations", "source", "family", "answer_type", "split"}
+        assert (built / record["image"]).is_file()
+        turns = record["conversations"]
+        assert len(turns) >= 2 and len(turns) % 2 == 0
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in turns[1:])
+        assert all(t["value"].strip() for t in turns)
+
+
+def test_closed_answers_are_among_the_options_named_in_the_question(records):
+    closed = [r for split in SPLITS for r in records[split] if r["answer_type"] == "closed"]
+    assert closed
+    for record in closed:
+        question, answer = (t["value"] for t in record["conversations"])
+        assert answer in record["options"]
+        if record["options"] == ["yes", "no"]:
+            assert "yes or no" in question
+        else:
+            assert all(option in question for option in record["options"])
+
+
+def test_yes_no_and_option_positions_are_balanced(records):
+    for split in SPLITS:
+        by_family = Counter((r["family"], r["conversations"][1]["value"]) for r in records[split] if r.get("options") == ["yes", "no"])
+        for family in {f for f, _ in by_family}:
+            yes, no = by_family[(family, "yes")], by_family[(family, "no")]
+            assert abs(yes - no) <= 2 + 0.1 * (yes + no), (split, family, yes, no)
+    two_way = [r for r in records["train"] if r.get("options") and len(r["options"]) == 2 and r["options"] != ["yes", "no"]]
+    first = sum(r["options"][0] == r["conversations"][1]["value"] for r in two_way)
+    assert 0.3 <= first / len(two_way) <= 0.7
+
+
+def test_splits_share_no_source_and_no_image(records):
+    sources = {split: {r["source"] for r in records[split]} for split in SPLITS}
+    images = {split: {r["image"] for r in records[split]} for split in SPLITS}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not sources[a] & sources[b], (a, b)
+        assert not images[a] & images[b], (a, b)
+    for split in SPLITS:
+        assert all(r["split"] == split and r["image"].startswith(f"images/{split}/") for r in records[split])
+
+
+def test_build_is_deterministic_by_seed(built, tmp_path):
+    offline_med.build(tmp_path, seed=0, scale_name="small")
+    for name in (*SPLITS, "captions"):
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (built / f"{name}.jsonl").read_bytes()
+
+    def digest(root: Path) -> str:
+        files = sorted(root.glob("images/**/*.png"))
+        return hashlib.sha256(b"".join(f.relative_to(root).as_posix().encode() + f.read_bytes() for f in files)).hexdigest()
+
+    assert digest(tmp_path) == digest(built)
+
+
+def low_and_high(canvas: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The model's low view (whole image squashed to 224) and high canvas (6 x 224 for a 2x2
+    medium grid), as grey arrays."""
+    grey = canvas.convert("L")
+    return (np.asarray(grey.resize((224, 224), Image.BICUBIC), dtype=np.float32),
+            np.asarray(grey.resize((1344, 1344), Image.BICUBIC), dtype=np.float32))
+
+
+def test_tiny_dots_vanish_in_the_low_view_and_show_in_the_high_view():
+    """Draw dots on a real scan enlarged like the builder does; compare views with and without."""
+    base = offline_med_sources.fit(Image.open(offline_med_sources.package_file("skimage", "data/retina.jpg")))
+    rng = random.Random(3)
+    for side in (1344, 1680, 2016):
+        canvas = upsample_canvas(base, side, rng)
+        with_dot, drawn = draw_blob(canvas, rng)
+        (low0, high0), (low1, high1) = low_and_high(canvas), low_and_high(with_dot)
+        contrast = abs(drawn.contrast)
+        assert np.abs(low1 - low0).max() < 0.45 * contrast  # a faint sub-pixel trace at most
+        assert np.abs(high1 - high0).max() > 0.8 * contrast  # clearly there when zoomed in
+
+
+def test_labels_are_a_smudge_in_the_low_view_and_legible_size_in_the_high_view():
+    rng = random.Random(5)
+    canvas = upsample_canvas(Image.new("L", (300, 300), 90), 1600, rng)
+    _, drawn = draw_label(canvas, "K7", rng)
+    x0, y0, x1, y1 = drawn.box
+    assert (x1 - x0) * 224 / 1600 < 3.5 and (y1 - y0) * 224 / 1600 < 2.5  # a few low-view pixels
+    assert (y1 - y0) * 1344 / 1600 >= 8  # box ~ glyph + padding: glyphs of ~7-8 high-view px
+
+
+def test_built_fine_details_are_sized_to_vanish(built, records):
+    details = [r for split in SPLITS for r in records[split] if r["family"] == "fine_detail"]
+    assert {r["detail"]["kind"] for r in details} == {"dot", "label"}
+    for record in details:
+        side = Image.open(built / record["image"]).width
+        assert side >= 1344
+        if record["detail"]["box"] is None:
+            continue
+        x0, y0, x1, y1 = record["detail"]["box"]
+        if record["detail"]["kind"] == "dot":
+            assert (x1 - x0) * 224 / side < 1.0 <= (x1 - x0) * 1344 / side / 3
+        else:
+            assert record["conversations"][1]["value"] == record["detail"]["text"]
+    assert BLOB_FRACTION[1] * 224 < 1 and LABEL_FRACTION[0] * 1344 >= 7
+
+
+def test_display_slices_follow_the_radiological_convention():
+    """RAS+ volume: index 0 of the first axis is the patient's far left, which a radiological
+    display puts on the image's right; anterior (axial) and superior (coronal) go to the top."""
+    volume = np.zeros((20, 20, 20), dtype=np.float32)
+    volume[3, 15, 16] = 1  # patient's left, anterior, superior
+    row, col = map(int, np.argwhere(display_slice(volume, "axial", 16))[0])
+    assert col > 10 and row < 10
+    row, col = map(int, np.argwhere(display_slice(volume, "coronal", 15))[0])
+    assert col > 10 and row < 10
+    row, col = map(int, np.argwhere(display_slice(volume, "sagittal", 3))[0])
+    assert col < 10 and row < 10  # sagittal: anterior on the left
+
+
+def test_missing_debian_packages_are_skipped_with_a_warning(tmp_path, monkeypatch):
+    original = offline_med_sources.catalogue
+    debian = ("invesalius:", "mricron:")
+
+    def without_debian():
+        return [s.__class__(**{**s.__dict__, "path": None}) if s.id.startswith(debian) else s for s in original()]
+
+    monkeypatch.setattr(offline_med, "catalogue", without_debian)
+    with pytest.warns(UserWarning, match="apt-get install"):
+        manifest = offline_med.build(tmp_path, seed=1, scale_name="small")
+    assert {"invesalius:Cranium", "mricron:colin27"} <= set(manifest["skipped"])
+    assert read(tmp_path, "train") and read(tmp_path, "test")
+
+
+@pytest.mark.skipif(not DEBIAN_INSTALLED, reason="apt-get install invesalius-examples mricron-data")
+def test_volumes_give_planes_windows_and_atlas_regions(records):
+    train = records["train"]
+    cranium = [r for r in train if r["source"] == "invesalius:Cranium"]
+    assert {r["family"] for r in cranium} >= {"plane", "window"}
+    atlas = [r for r in train if r["family"] == "atlas_region"]
+    assert atlas and all(r["source"] == "mricron:colin27" for r in atlas)
+    open_answers = [r["conversations"][1]["value"] for r in atlas if r["answer_type"] == "open"]
+    assert all(re.match(r"^(left|right|vermis) ", a) for a in open_answers)
