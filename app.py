@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--db", default=DEFAULT_DB, help=f"session log, SQLite (default: {DEFAULT_DB})")
     parser.add_argument("--auth-file", help="users file from `python -m app.auth add`; login required when given")
     parser.add_argument("--max-upload-mb", type=int, default=512, help="largest accepted file (default: 512)")
-    parser.add_argument("--concurrency", type=int, default=2, help="generations the shared model runs at once")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="generations queued into the shared model at once (the engine runs one at a time)")
     return parser.parse_args(argv)
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.auth import checker
     from app.log import SessionLog
     from dragonfly_med.chat import ChatEngine
-    from dragonfly_med.ingest import MiB, IngestLimits
+    from dragonfly_med.ingest import IngestLimits, MiB
 
     try:
         auth = checker(args.auth_file) if args.auth_file else None

@@ -31,7 +31,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(workdir: Path):
     add_user(workdir / "users.txt", USER, PASSWORD)
-    server = start_server(workdir, workdir / "log.sqlite", "--auth-file", str(workdir / "users.txt"), "--concurrency", "2")
+    server = start_server(workdir, workdir / "log.sqlite", "--auth-file", str(workdir / "users.txt"))
     yield server
     server.stop()
 
