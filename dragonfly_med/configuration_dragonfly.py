@@ -126,7 +126,11 @@ class DragonflyConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        geometry = Geometry.from_dict(self.geometry) if self.geometry else default_geometry(self.vision_config)
+        geometry = (
+            Geometry.from_dict(self.geometry)
+            if self.geometry
+            else default_geometry(self.vision_config)
+        )
         self.geometry = geometry.to_dict()
 
     def get_geometry(self) -> Geometry:

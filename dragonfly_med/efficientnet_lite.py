@@ -76,7 +76,9 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
-        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), strict=True):
+        for size, k, s in zip(
+            reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), strict=True
+        ):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         return super().forward(F.pad(x, pads))
@@ -108,7 +110,9 @@ class MBConvBlock(nn.Module):
 class EfficientNetLite0(nn.Module):
     """The network; `num_classes=None` drops the ImageNet classifier (the tower needs only features)."""
 
-    def __init__(self, config: EfficientNetLite0Config | None = None, num_classes: int | None = 1000):
+    def __init__(
+        self, config: EfficientNetLite0Config | None = None, num_classes: int | None = 1000
+    ):
         super().__init__()
         eps = (config or EfficientNetLite0Config()).batch_norm_eps
         self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2, bias=False)
@@ -116,7 +120,9 @@ class EfficientNetLite0(nn.Module):
         blocks, in_ch = [], STEM_CHANNELS
         for repeats, kernel, stride, expand, out_ch in LITE0_STAGES:
             for i in range(repeats):
-                blocks.append(MBConvBlock(in_ch, out_ch, kernel, stride if i == 0 else 1, expand, eps))
+                blocks.append(
+                    MBConvBlock(in_ch, out_ch, kernel, stride if i == 0 else 1, expand, eps)
+                )
                 in_ch = out_ch
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(in_ch, HEAD_CHANNELS, 1, bias=False)
@@ -147,7 +153,9 @@ def pretrained_weights_path() -> Path:
         )
     found = sorted(Path(spec.submodule_search_locations[0]).glob("models/efficientnet-lite0-*.pth"))
     if not found:
-        raise FileNotFoundError(f"no efficientnet-lite0-*.pth inside {spec.submodule_search_locations[0]}")
+        raise FileNotFoundError(
+            f"no efficientnet-lite0-*.pth inside {spec.submodule_search_locations[0]}"
+        )
     return found[0]
 
 

@@ -36,7 +36,9 @@ class ModelNotAvailableError(OSError):
     """A model name that cannot be resolved to local files (typically a hub id while offline)."""
 
 
-def quantization_config(load_in_4bit: bool = False, load_in_8bit: bool = False) -> BitsAndBytesConfig | None:
+def quantization_config(
+    load_in_4bit: bool = False, load_in_8bit: bool = False
+) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for the LLM only (nf4 + double quant, bf16 compute; or int8)."""
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit and load_in_8bit")
@@ -79,7 +81,8 @@ def _download(repo_id: str) -> Path:
     raise ModelNotAvailableError(
         f"cannot fetch {repo_id!r} from the Hugging Face hub ({result.get('error')}). This machine may be "
         f"offline. Download the checkpoint where the hub is reachable (e.g. `hf download {repo_id} "
-        f"--local-dir DIR`), copy DIR here and pass it instead: --model DIR / load_model('DIR'). "
+        f"--local-dir DIR`), copy DIR to this machine and pass that local directory instead: "
+        "--model DIR / load_model('DIR'). "
         "A released-layout directory is read as is; `python -m dragonfly_med convert DIR OUT` makes ours."
     )
 
@@ -105,7 +108,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         return path
     repo_id = HUB_ALIASES.get(name, name)
     if not HUB_ID.match(repo_id):
-        raise ModelNotAvailableError(f"{name!r} is neither 'tiny', an existing directory nor a hub id (owner/name)")
+        raise ModelNotAvailableError(
+            f"{name!r} is neither 'tiny', an existing directory nor a hub id (owner/name)"
+        )
     return _download(repo_id)
 
 
@@ -139,7 +144,9 @@ def load_processor(directory: str | Path, config: DragonflyConfig):
     from .processing_dragonfly import DragonflyProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return DragonflyProcessor.from_model_config(config, tokenizer=tokenizer, image_processor=image_processor_for(directory, config))
+    return DragonflyProcessor.from_model_config(
+        config, tokenizer=tokenizer, image_processor=image_processor_for(directory, config)
+    )
 
 
 def load_model(

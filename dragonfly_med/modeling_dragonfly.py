@@ -46,7 +46,9 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.image_encoder = build_vision_tower(config.vision_config, config.vision_feature_layer)
         self.vision_embed_tokens = nn.Linear(
-            self.image_encoder.hidden_size, config.text_config.hidden_size, bias=config.projector_bias
+            self.image_encoder.hidden_size,
+            config.text_config.hidden_size,
+            bias=config.projector_bias,
         )
         self.language_model = LlamaForCausalLM(config.text_config)
         self.post_init()
@@ -80,14 +82,18 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
         pooled = F.adaptive_avg_pool2d(grid, geometry.pooled_grid).flatten(2).transpose(1, 2)
         return torch.cat([cls, pooled], dim=1)
 
-    def _tower_features(self, pixel_values: torch.Tensor, num_crops: Sequence[int] | torch.Tensor | None):
+    def _tower_features(
+        self, pixel_values: torch.Tensor, num_crops: Sequence[int] | torch.Tensor | None
+    ):
         """Run the tower on all crops and split the features per image."""
         if num_crops is None:
             num_crops = [pixel_values.shape[0]]
         elif isinstance(num_crops, torch.Tensor):
             num_crops = num_crops.tolist()
         if sum(num_crops) != pixel_values.shape[0]:
-            raise ValueError(f"num_crops {list(num_crops)} sums to {sum(num_crops)}, but pixel_values has {pixel_values.shape[0]} crops")
+            raise ValueError(
+                f"num_crops {list(num_crops)} sums to {sum(num_crops)}, but pixel_values has {pixel_values.shape[0]} crops"
+            )
         weight = self.vision_embed_tokens.weight
         features = self.image_encoder(pixel_values.to(device=weight.device, dtype=weight.dtype))
         return features.split(list(num_crops))
@@ -119,11 +125,18 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
         return embeds
 
     def merge_image_embeds(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_embeds: Sequence[torch.Tensor]
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        image_embeds: Sequence[torch.Tensor],
     ) -> torch.Tensor:
         """Put the visual embeddings, in order, at the positions holding `image_token_id`."""
         mask = input_ids == self.config.image_token_id
-        visual = torch.cat(list(image_embeds)) if len(image_embeds) else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
+        visual = (
+            torch.cat(list(image_embeds))
+            if len(image_embeds)
+            else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
+        )
         n_slots = int(mask.sum())
         if n_slots != visual.shape[0]:
             raise ValueError(
@@ -173,7 +186,9 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
                     "input_ids contain image placeholder tokens but no pixel_values or image_embeds were given"
                 )
         elif image_embeds is not None:
-            raise ValueError("images need input_ids to find the placeholder positions, not inputs_embeds")
+            raise ValueError(
+                "images need input_ids to find the placeholder positions, not inputs_embeds"
+            )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -196,9 +211,13 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
     ) -> dict:
         """As for an LLM, plus the image inputs on the prefill step only (later steps feed one new
         token each, the image being in the KV cache already)."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
         if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs.update(pixel_values=pixel_values, num_crops=num_crops, image_embeds=image_embeds)
+            model_inputs.update(
+                pixel_values=pixel_values, num_crops=num_crops, image_embeds=image_embeds
+            )
         return model_inputs
 
 

@@ -35,7 +35,12 @@ SEPARATOR_TOKEN = "<|reserved_special_token_1|>"
 EOS_TOKEN = "<|eot_id|>"
 # Llama-3 ids of the three tokens above, used only when a checkpoint ships no tokenizer.
 LLAMA3_FALLBACK_IDS = {IMAGE_TOKEN: 128002, SEPARATOR_TOKEN: 128003, EOS_TOKEN: 128009}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def read_config_json(directory: str | Path) -> dict:
@@ -71,10 +76,18 @@ def released_token_ids(directory: str | Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    ids = dict(zip(LLAMA3_FALLBACK_IDS, tokenizer.convert_tokens_to_ids(list(LLAMA3_FALLBACK_IDS)), strict=True))
+    ids = dict(
+        zip(
+            LLAMA3_FALLBACK_IDS,
+            tokenizer.convert_tokens_to_ids(list(LLAMA3_FALLBACK_IDS)),
+            strict=True,
+        )
+    )
     missing = [token for token, i in ids.items() if i is None or i == tokenizer.unk_token_id]
     if missing:
-        raise ValueError(f"the tokenizer in {directory} lacks {missing}; is this a Llama-3 Dragonfly checkpoint?")
+        raise ValueError(
+            f"the tokenizer in {directory} lacks {missing}; is this a Llama-3 Dragonfly checkpoint?"
+        )
     return ids
 
 
@@ -82,7 +95,9 @@ def released_config(directory: str | Path) -> DragonflyConfig:
     """Our `DragonflyConfig` for a released-layout directory."""
     raw = read_config_json(directory)
     if "text_config" not in raw:
-        raise ValueError(f"{directory}/config.json has no text_config; not a released Dragonfly v2 checkpoint")
+        raise ValueError(
+            f"{directory}/config.json has no text_config; not a released Dragonfly v2 checkpoint"
+        )
     vision_config = released_vision_config(raw)
     ids = released_token_ids(directory)
     return DragonflyConfig(
@@ -103,8 +118,12 @@ def load_released(directory: str | Path, **from_pretrained_kwargs):
     from .modeling_dragonfly import DragonflyForConditionalGeneration
 
     config = released_config(directory)
-    model = DragonflyForConditionalGeneration.from_pretrained(directory, config=config, **from_pretrained_kwargs)
-    model.generation_config.eos_token_id = list(config.eos_token_ids)  # the shipped file names 128001
+    model = DragonflyForConditionalGeneration.from_pretrained(
+        directory, config=config, **from_pretrained_kwargs
+    )
+    model.generation_config.eos_token_id = list(
+        config.eos_token_ids
+    )  # the shipped file names 128001
     return model
 
 
@@ -116,7 +135,9 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
 
     src, out = Path(src), Path(out)
     if not is_released_layout(src):
-        raise ValueError(f"{src} is not a released Dragonfly directory (config.json with model_type 'dragonfly' and image_encoder)")
+        raise ValueError(
+            f"{src} is not a released Dragonfly directory (config.json with model_type 'dragonfly' and image_encoder)"
+        )
     model = load_released(src, dtype=dtype or "auto")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -127,9 +148,13 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="directory in the released v2 layout (config.json, .bin shards, tokenizer)")
+    parser.add_argument(
+        "src", help="directory in the released v2 layout (config.json, .bin shards, tokenizer)"
+    )
     parser.add_argument("out", help="output directory (our safetensors format)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    parser.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,12 +178,16 @@ def _byte_level_tokenizer(special_tokens: list[str]):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token=EOS_TOKEN)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token=EOS_TOKEN
+    )
     tokenizer.add_special_tokens({"extra_special_tokens": special_tokens})
     return tokenizer
 
 
-def save_tiny_released_checkpoint(path: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
+def save_tiny_released_checkpoint(
+    path: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0
+) -> Path:
     """Write a tiny RANDOM Dragonfly (4-layer CLIP at 56 px, 2-layer Llama) in the released v2
     layout: released-style config.json, two pickle `.bin` shards + index, tokenizer files, CLIP
     `preprocessor_config.json` and `processor_config.json`. With `tokenizer_dir` (e.g. the real
@@ -177,7 +206,13 @@ def save_tiny_released_checkpoint(path: str | Path, tokenizer_dir: str | Path | 
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         tokenizer = _byte_level_tokenizer(
-            [SEPARATOR_TOKEN, IMAGE_TOKEN, "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"]
+            [
+                SEPARATOR_TOKEN,
+                IMAGE_TOKEN,
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|end_of_text|>",
+            ]
         )
         tokenizer.save_pretrained(path)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
@@ -197,7 +232,11 @@ def save_tiny_released_checkpoint(path: str | Path, tokenizer_dir: str | Path | 
     )
     model = DragonflyForConditionalGeneration(config)
     state = {
-        (k.replace("image_encoder.", "image_encoder.vision_model.", 1) if k.startswith("image_encoder.") else k): v.to(torch.bfloat16)
+        (
+            k.replace("image_encoder.", "image_encoder.vision_model.", 1)
+            if k.startswith("image_encoder.")
+            else k
+        ): v.to(torch.bfloat16)
         for k, v in model.state_dict().items()
     }
     shards = [{k: v for k, v in state.items() if k.startswith("language_model.")}]
@@ -208,7 +247,9 @@ def save_tiny_released_checkpoint(path: str | Path, tokenizer_dir: str | Path | 
         torch.save(shard, path / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
-    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     released = {
         "architectures": ["DragonflyForCausalLM"],
         "model_type": "dragonfly",
@@ -219,7 +260,9 @@ def save_tiny_released_checkpoint(path: str | Path, tokenizer_dir: str | Path | 
         "torch_dtype": "bfloat16",
     }
     (path / "config.json").write_text(json.dumps(released, indent=2))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"]}))
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": text["bos_token_id"], "eos_token_id": text["eos_token_id"]})
+    )
     size = vision["image_size"]
     (path / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": {"height": size, "width": size}, "do_center_crop": True, "do_convert_rgb": True,
@@ -227,5 +270,7 @@ def save_tiny_released_checkpoint(path: str | Path, tokenizer_dir: str | Path | 
         "image_processor_type": "CLIPImageProcessor", "image_std": list(CLIP_STD), "resample": 3,
         "rescale_factor": 1 / 255, "size": {"shortest_edge": size},
     }, indent=2))  # fmt: skip
-    (path / "processor_config.json").write_text(json.dumps({"image_encoding_style": "llava-hd"}, indent=2))
+    (path / "processor_config.json").write_text(
+        json.dumps({"image_encoding_style": "llava-hd"}, indent=2)
+    )
     return path

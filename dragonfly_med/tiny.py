@@ -35,7 +35,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<reponame>"
 SEPARATOR_TOKEN = "<file_sep>"
 EOS_TOKEN = "<|im_end|>"
-PROJECTOR_ASSET = Path(__file__).resolve().parent.parent / "assets" / "tiny" / "projector.safetensors"
+PROJECTOR_ASSET = (
+    Path(__file__).resolve().parent.parent / "assets" / "tiny" / "projector.safetensors"
+)
 PROJECTOR_SEED = 0
 # Bump when the way the cache directory is assembled changes, so stale caches are not reused.
 BUILD_VERSION = "1"
@@ -80,13 +82,17 @@ def tiny_model_dir() -> Path:
     return target
 
 
-def _calibrated_projector(projector: torch.nn.Linear, tower: torch.nn.Module, token_embeddings: torch.Tensor) -> str:
+def _calibrated_projector(
+    projector: torch.nn.Linear, tower: torch.nn.Module, token_embeddings: torch.Tensor
+) -> str:
     """Seeded random projector scaled so that visual embeddings have the spread of the LLM's token
     embeddings on a fixed test pattern: an untrained projector then does not swamp the prompt."""
     generator = torch.Generator().manual_seed(PROJECTOR_SEED)
     size = tower.config.image_size
     ramp = torch.linspace(-1, 1, size)
-    pattern = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size), ramp.outer(ramp)])
+    pattern = torch.stack(
+        [ramp[None, :].expand(size, size), ramp[:, None].expand(size, size), ramp.outer(ramp)]
+    )
     with torch.no_grad():
         features = tower(pattern[None])[0]
         weight = torch.randn(projector.weight.shape, generator=generator)
@@ -109,10 +115,20 @@ def build_tiny(out_dir: str | Path, projector_path: str | Path = PROJECTOR_ASSET
     tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN, SEPARATOR_TOKEN]})
     ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, SEPARATOR_TOKEN, EOS_TOKEN])
     if len(tokenizer) != 49152 or tokenizer.unk_token_id in ids:
-        raise RuntimeError(f"unexpected SmolLM2 vocabulary: {IMAGE_TOKEN}/{SEPARATOR_TOKEN}/{EOS_TOKEN} -> {ids}")
-    llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        raise RuntimeError(
+            f"unexpected SmolLM2 vocabulary: {IMAGE_TOKEN}/{SEPARATOR_TOKEN}/{EOS_TOKEN} -> {ids}"
+        )
+    llm = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     text_config = llm.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype"):
+    for key in (
+        "quantization_config",
+        "_name_or_path",
+        "architectures",
+        "transformers_version",
+        "dtype",
+    ):
         text_config.pop(key, None)
 
     config = DragonflyConfig(
@@ -125,12 +141,16 @@ def build_tiny(out_dir: str | Path, projector_path: str | Path = PROJECTOR_ASSET
     )
     model = DragonflyForConditionalGeneration(config).eval()
     model.language_model.load_state_dict(llm.state_dict(), strict=True)
-    model.image_encoder.model.load_state_dict(load_pretrained_state_dict(with_classifier=False), strict=True)
+    model.image_encoder.model.load_state_dict(
+        load_pretrained_state_dict(with_classifier=False), strict=True
+    )
     if projector_path.is_file():
         model.vision_embed_tokens.load_state_dict(load_file(projector_path), strict=True)
         projector_note = f"trained, from {projector_path.name}"
     else:
-        projector_note = _calibrated_projector(model.vision_embed_tokens, model.image_encoder, model.get_input_embeddings().weight)
+        projector_note = _calibrated_projector(
+            model.vision_embed_tokens, model.image_encoder, model.get_input_embeddings().weight
+        )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
 

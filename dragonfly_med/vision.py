@@ -80,4 +80,6 @@ def build_vision_tower(config: PreTrainedConfig, feature_layer: int = -2) -> nn.
         return ClipVisionTower(config, feature_layer=feature_layer)
     if isinstance(config, EfficientNetLite0Config):
         return EfficientNetLite0Tower(config)
-    raise ValueError(f"unsupported vision tower {config.model_type!r} (expected CLIP or EfficientNet-Lite0)")
+    raise ValueError(
+        f"unsupported vision tower {config.model_type!r} (expected CLIP or EfficientNet-Lite0)"
+    )

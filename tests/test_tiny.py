@@ -1,0 +1,81 @@
+"""The embedded default: EfficientNet-Lite0 ImageNet weights and the SmolLM2-based tiny model."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dragonfly_med.configuration_dragonfly import named_geometry
+from dragonfly_med.efficientnet_lite import (
+    EfficientNetLite0,
+    EfficientNetLite0Config,
+    load_pretrained_state_dict,
+)
+from dragonfly_med.geometry import plan_crops
+
+# ImageNet classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
+CAT_CLASSES = set(range(281, 286))
+
+
+def test_efficientnet_strict_load_and_imagenet_sanity():
+    skimage_data = pytest.importorskip("skimage.data")
+    config = EfficientNetLite0Config()
+    model = EfficientNetLite0(config).eval()
+    model.load_state_dict(load_pretrained_state_dict(), strict=True)
+    image = Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(config.image_mean)[:, None, None]) / torch.tensor(config.image_std)[
+        :, None, None
+    ]
+    with torch.no_grad():
+        top5 = model(x).topk(5).indices[0].tolist()
+        features = model.forward_features(x)
+    assert CAT_CLASSES & set(top5), top5
+    assert features.shape == (1, 1280, config.feature_grid, config.feature_grid) == (1, 1280, 7, 7)
+
+
+def test_tiny_geometry_budget():
+    g = named_geometry("tiny")
+    assert (g.crop_size, g.feature_grid, g.pooled_grid, g.cls_token) == (224, 7, 2, False)
+    budget = plan_crops(1024, 1024, g).budget
+    assert (budget.visual_tokens, budget.image_positions) == (49 + 40 * 4, 250)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from dragonfly_med.loading import load_model
+
+    start = time.monotonic()
+    model, processor = load_model("tiny")
+    return model, processor, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_tiny_answers_text_question(tiny):
+    model, processor, _ = tiny
+    assert model.config.prompt_format == "chatml"
+    tokens = processor.tokenizer.convert_ids_to_tokens(
+        [model.config.image_token_id, model.config.separator_token_id, *model.config.eos_token_ids]
+    )
+    assert tokens == ["<reponame>", "<file_sep>", "<|im_end|>"]
+    assert model.language_model.get_input_embeddings().weight.shape[0] == len(processor.tokenizer)
+    batch = processor(text="What is the capital of France?")
+    out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    answer = processor.decode(out[0, batch["input_ids"].shape[1] :])
+    assert "Paris" in answer, answer
+
+
+@pytest.mark.slow
+def test_tiny_encodes_an_image_and_generates(tiny):
+    skimage_data = pytest.importorskip("skimage.data")
+    model, processor, _ = tiny
+    batch = processor(images=Image.fromarray(skimage_data.chelsea()), text="Describe the image.")
+    plan = batch.plans[0]
+    assert batch["pixel_values"].shape == (plan.num_crops, 3, 224, 224)
+    assert (
+        int((batch["input_ids"] == model.config.image_token_id).sum()) == plan.budget.visual_tokens
+    )
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] > batch["input_ids"].shape[1]
