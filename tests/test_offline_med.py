@@ -122,7 +122,7 @@ def test_tiny_dots_vanish_in_the_low_view_and_show_in_the_high_view():
     base = offline_med_sources.fit(Image.open(offline_med_sources.package_file("skimage", "data/retina.jpg")))
     rng = random.Random(3)
     for side in (1344, 1680, 2016):
-        canvas = upsample_canvas(base, side, rng)
+        canvas = upsample_canvas(base, side)
         with_dot, drawn = draw_blob(canvas, rng)
         (low0, high0), (low1, high1) = low_and_high(canvas), low_and_high(with_dot)
         contrast = abs(drawn.contrast)
@@ -132,7 +132,7 @@ def test_tiny_dots_vanish_in_the_low_view_and_show_in_the_high_view():
 
 def test_labels_are_a_smudge_in_the_low_view_and_legible_size_in_the_high_view():
     rng = random.Random(5)
-    canvas = upsample_canvas(Image.new("L", (300, 300), 90), 1600, rng)
+    canvas = upsample_canvas(Image.new("L", (300, 300), 90), 1600)
     _, drawn = draw_label(canvas, "K7", rng)
     x0, y0, x1, y1 = drawn.box
     assert (x1 - x0) * 224 / 1600 < 3.5 and (y1 - y0) * 224 / 1600 < 2.5  # a few low-view pixels

@@ -288,7 +288,7 @@ def atlas_sample(view: View, names: dict[int, str], rng: random.Random, bal: Bal
 
 def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer) -> Sample:
     """A large canvas with a tiny dot or a tiny printed label: readable only when zoomed in."""
-    canvas = upsample_canvas(view.image, side, rng)
+    canvas = upsample_canvas(view.image, side)
     if rng.random() < 0.5:
         present = bal.flip("fine_dot:yes")
         detail = {"kind": "dot", "box": None}

@@ -115,18 +115,13 @@ def draw_lesion(image: Image.Image, rng: random.Random) -> tuple[Image.Image, Dr
     return draw_disk(image, x, y, diameter, rng.uniform(70, 110))
 
 
-def upsample_canvas(image: Image.Image, side: int, rng: random.Random) -> Image.Image:
-    """Enlarge an image onto a black square canvas of `side` px and add faint grain.
+def upsample_canvas(image: Image.Image, side: int) -> Image.Image:
+    """Enlarge an image onto a black square canvas of `side` px (bicubic), as a large scan.
 
     Square, so that a detail's fraction of the side is the same in both directions of the
-    (squashed) low view. The grain (sigma 4 grey levels) gives the smooth enlargement the fine
-    texture of a real high-resolution scan, so a crisp detail is not the only fine structure.
+    (squashed) low view.
     """
-    canvas = np.asarray(ImageOps.pad(image, (side, side), Image.BICUBIC, color="black"), dtype=np.float32)
-    noise = 4 * np.random.default_rng(rng.randrange(2**32)).standard_normal(canvas.shape[:2], dtype=np.float32)
-    if canvas.ndim == 3:
-        noise = noise[..., None]
-    return Image.fromarray(np.clip(canvas + noise, 0, 255).astype(np.uint8))
+    return ImageOps.pad(image, (side, side), Image.BICUBIC, color="black")
 
 
 def detail_position(canvas: Image.Image, rng: random.Random) -> tuple[int, int]:

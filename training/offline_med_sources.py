@@ -55,7 +55,7 @@ class Scale:
 
 SCALES = {
     "small": Scale("small", views_2d=2, slices=2, fine_detail={"train": 12, "val": 4, "test": 8}, canvas=(1344, 1600)),
-    "full": Scale("full", views_2d=14, slices=28, fine_detail={"train": 700, "val": 120, "test": 240}, canvas=(1344, 2016)),
+    "full": Scale("full", views_2d=24, slices=16, fine_detail={"train": 480, "val": 60, "test": 160}, canvas=(1344, 1792)),
 }
 
 
