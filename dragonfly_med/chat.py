@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicCache
 from .geometry import CropPlan
 
 STREAM_POLL_S = 0.25  # how often the consumer checks that the worker is still alive
+WORKER_NAME = "dragonfly-generate"
 
 
 @dataclass
@@ -155,6 +156,8 @@ class Conversation:
         self._cache: DynamicCache | None = None
         self._cache_ids: list[int] = []  # the tokens the cache holds, in order
         self._image_end = 0  # prompt index just past the image block (0: no image)
+        self.last_prompt_ids: list[int] = []  # what the last turn was conditioned on
+        self.last_generated_ids: list[int] = []  # what it generated (eos included if reached)
 
     # ----------------------------------------------------------------- public
 
@@ -283,14 +286,16 @@ class Conversation:
         try:
             while True:
                 try:
-                    text += next(streamer)
+                    chunk = next(streamer)
                 except StopIteration:
                     break
                 except queue.Empty:
                     if not worker.is_alive():
                         break
                     continue
-                yield text
+                if chunk:
+                    text += chunk
+                    yield text
             finished = True
         finally:
             if not finished:  # consumer left early: stop the worker before releasing the lock
@@ -315,6 +320,7 @@ class Conversation:
             return
         output = result["output"]
         generated = output.sequences[0, len(prompt) :].tolist()
+        self.last_prompt_ids, self.last_generated_ids = list(prompt), generated
         eos = self.engine.eos_token_ids
         answer_ids = generated[:-1] if generated and generated[-1] in eos else generated
         times = streamer.token_times
