@@ -1,0 +1,118 @@
+"""A page's session in-process on the real tiny engine: regenerate, clear, feedback, window and
+frame changes, generation errors, the History tab's data and the end of a session."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from pydicom.data import get_testdata_files
+
+from app.log import SessionLog
+from app.session import Services, UserSession
+from app.ui import Page
+from dragonfly_med.chat import ChatEngine, SamplingParams
+from dragonfly_med.ingest import IngestError, IngestLimits
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+QUICK = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def engine() -> ChatEngine:
+    return ChatEngine.load("tiny")
+
+
+@pytest.fixture()
+def services(engine: ChatEngine, tmp_path: Path):
+    log = SessionLog(tmp_path / "log.sqlite")
+    yield Services(engine, log, IngestLimits(), {"model": "tiny"})
+    log.close()
+
+
+def rows(services: Services, sql: str) -> list[tuple]:
+    con = sqlite3.connect(services.log.path)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def dicom_bytes(name: str) -> bytes:
+    return Path(get_testdata_files(name)[0]).read_bytes()
+
+
+def test_regenerate_feedback_clear(services: Services) -> None:
+    session = services.session_for("page-1", "alice")
+    session.load(dicom_bytes("CT_small.dcm"))
+    first = list(session.ask("What is shown?", QUICK))[-1]
+    conversation = session.conversation
+    again = list(session.regenerate(QUICK))[-1]
+    assert first and again and session.conversation is conversation
+    assert len(session.turn_ids) == 1  # the regenerated answer replaces the first
+    assert session.feedback(0, liked=False) and not session.feedback(5, liked=True)
+    assert rows(services, "SELECT t.id, f.liked FROM feedback f JOIN turns t ON t.id = f.turn_id") == [(session.turn_ids[0], 0)]
+    assert len(rows(services, "SELECT id FROM turns WHERE image_id IS NOT NULL")) == 2  # both answers logged
+    session.clear()
+    assert session.conversation is None and session.turn_ids == [] and session.view is not None
+    list(session.ask("And now?", QUICK))
+    assert session.conversation is not conversation
+
+
+def test_window_and_frame_changes_start_new_conversations(services: Services) -> None:
+    session = services.session_for("page-2", None)
+    view = session.load(dicom_bytes("rtdose.dcm"))  # 15 greyscale frames
+    frames = view.loaded.facts.frames
+    assert frames == 15 and view.loaded.facts.frame_index == frames // 2
+    list(session.ask("Hello?", QUICK))
+    session.redisplay((1_000_000.0, 3_000_000.0), session.frame)
+    assert session.view.loaded.facts.window["source"] == "custom" and session.conversation is None
+    session.redisplay(session.window, 0)
+    assert session.view.loaded.facts.frame_index == 0 and session.window == (1_000_000.0, 3_000_000.0)
+    with pytest.raises(IngestError):
+        session.redisplay(None, 99)
+    prints = rows(services, "SELECT fingerprint, frame, window FROM images ORDER BY id")
+    assert len(prints) == 3 and prints[0][0] != prints[1][0]  # other window, other pixels
+    assert [p[1] for p in prints] == [frames // 2, frames // 2, 0]
+
+
+def test_generation_error_is_a_chat_message_and_the_session_goes_on(services: Services) -> None:
+    session = services.session_for("page-3", None)
+    failed = list(session.ask("Hello?", SamplingParams(max_new_tokens=0)))
+    assert len(failed) == 1 and "could not answer" in failed[0] and "max_new_tokens" in failed[0]
+    assert list(session.ask("Hello again?", QUICK))[-1]
+    assert rows(services, "SELECT status FROM turns ORDER BY id") == [("error",), ("ok",)]
+
+
+def test_closed_generator_is_logged_as_stopped(services: Services) -> None:
+    session = services.session_for("page-4", None)
+    stream = session.ask("Count from 1 to 1000, separated by commas.", SamplingParams(max_new_tokens=500))
+    next(stream)
+    stream.close()  # what Gradio does to a cancelled event
+    assert rows(services, "SELECT status FROM turns") == [("stopped",)]
+    assert list(session.ask("Hello?", QUICK))[-1]  # the engine is free again
+
+
+def test_history_lists_exports_and_filters_by_user(services: Services) -> None:
+    session = services.session_for("page-5", "alice")
+    list(session.ask("Text only?", QUICK))
+    services.close_session("page-5")
+    page = Page(services, max_upload_mb=10, concurrency=1)
+    table, choices = page.history_rows(gr.Request(username="alice"))
+    assert len(table) == 1 and table[0][1] == "alice" and table[0][3] == "text only" and table[0][5] == 1
+    assert page.history_rows(gr.Request(username="bob"))[0] == []
+    chat, path, text = page.history_session(table[0][6], gr.Request(username="alice"))
+    assert chat[0] == {"role": "user", "content": "Text only?"}
+    exported = json.loads(Path(path).read_text())
+    assert exported == json.loads(text) and exported["sessions"][0]["ended_at"]
+    assert page.history_session(table[0][6], gr.Request(username="bob")) == ([], None, "")
+
+
+def test_sessions_are_separate(services: Services) -> None:
+    a, b = services.session_for("page-a", None), services.session_for("page-b", None)
+    assert isinstance(a, UserSession) and a is not b and services.session_for("page-a", None) is a
+    a.load(dicom_bytes("CT_small.dcm"))
+    assert b.view is None and b.source is None
