@@ -7,6 +7,7 @@ that is not an image ends with one `error: ...` line and exit status 2, never a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -50,24 +51,26 @@ def run(args: argparse.Namespace) -> int:
         image = load_image(args.image).image
     except IngestError as err:
         return _fail(str(err), EXIT_REFUSED)
-    from .chat import ChatEngine, SamplingParams
-    from .loading import ModelNotAvailableError
+    # Libraries imported on the way (deepspeed via accelerate) print to stdout: keep it for JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        from .chat import ChatEngine, SamplingParams
+        from .loading import ModelNotAvailableError
 
-    try:
-        engine = ChatEngine.load(
-            args.model,
-            load_in_4bit=args.load_in_4bit,
-            load_in_8bit=args.load_in_8bit,
-            dtype=args.dtype,
+        try:
+            engine = ChatEngine.load(
+                args.model,
+                load_in_4bit=args.load_in_4bit,
+                load_in_8bit=args.load_in_8bit,
+                dtype=args.dtype,
+            )
+        except (ModelNotAvailableError, ValueError, FileNotFoundError) as err:
+            return _fail(str(err), EXIT_REFUSED)
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
         )
-    except (ModelNotAvailableError, ValueError, FileNotFoundError) as err:
-        return _fail(str(err), EXIT_REFUSED)
-    params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
-    )
-    conv = engine.new_conversation(image)
-    for _ in conv.stream(args.question, params):
-        pass
+        conv = engine.new_conversation(image)
+        for _ in conv.stream(args.question, params):
+            pass
     stats = conv.last_stats
     if stats.status == "error":
         return _fail(stats.error or "generation failed", EXIT_ERROR)
