@@ -71,10 +71,22 @@ AutoConfig.register(EfficientNetLite0Config.model_type, EfficientNetLite0Config,
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow's "same" padding: output = ceil(input / stride), extra pixel of
-    padding on the bottom/right, which is what the ported weights were trained with."""
+    """Conv2d with TensorFlow's "same" padding: output = ceil(input / stride), the odd pixel of
+    padding going to the bottom/right, which is what the ported weights were trained with.
+
+    With stride 1 and an odd kernel that is plain symmetric padding, left to the conv itself;
+    only the stride-2 convs pad explicitly (an extra copy, so kept to the few that need it).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dynamic = self.stride != (1, 1) or any(k % 2 == 0 for k in self.kernel_size)
+        if not self.dynamic:
+            self.padding = tuple((k - 1) // 2 for k in self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic:
+            return super().forward(x)
         pads = []
         for size, k, s in zip(
             reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride), strict=True

@@ -70,6 +70,8 @@ class EfficientNetLite0Tower(nn.Module):
         return self.config.feature_grid
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # channels_last lets oneDNN run the depthwise convs ~2x faster on CPU; same numbers.
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features = self.model.forward_features(pixel_values)  # [N, C, g, g]
         return features.flatten(2).transpose(1, 2)  # [N, g*g, C], row-major
 
