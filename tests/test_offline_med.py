@@ -7,6 +7,7 @@ import json
 import random
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,7 @@ def test_missing_debian_packages_are_skipped_with_a_warning(tmp_path, monkeypatc
     debian = ("invesalius:", "mricron:")
 
     def without_debian():
-        return [s.__class__(**{**s.__dict__, "path": None}) if s.id.startswith(debian) else s for s in original()]
+        return [replace(s, path=None) if s.id.startswith(debian) else s for s in original()]
 
     monkeypatch.setattr(offline_med, "catalogue", without_debian)
     with pytest.warns(UserWarning, match="apt-get install"):

@@ -45,6 +45,7 @@ from training.offline_med_sources import (
 
 SPLITS = ("train", "val", "test")
 MULTI_TURN_EVERY = 8  # one multi-turn conversation per this many training views
+LATERALITY_PER_VIEW, ATLAS_PER_VIEW = 2, 3  # marked points per slice: cheap, and few slices exist
 
 
 def sources_by_split(sources: list[Source]) -> dict[str, list[Source]]:
@@ -59,9 +60,9 @@ def view_samples(split: str, views: list[View], rng: random.Random, bal: Balance
         yield from fact_samples(view, key, rng, bal)
         yield finding_sample(view, rng, bal)
         if view.midline_x is not None:
-            yield from filter(None, [laterality_sample(view, rng, bal)])
+            yield from filter(None, [laterality_sample(view, rng, bal) for _ in range(LATERALITY_PER_VIEW)])
         if view.atlas is not None:
-            yield from filter(None, [atlas_sample(view, names, rng, bal) for _ in range(2)])
+            yield from filter(None, [atlas_sample(view, names, rng, bal) for _ in range(ATLAS_PER_VIEW)])
         if split == "train":
             yield caption_sample(view, key, rng)
             if i % MULTI_TURN_EVERY == 0:

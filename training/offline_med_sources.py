@@ -9,7 +9,6 @@ metadata or from how we slice and render it, never from a model.
 
 from __future__ import annotations
 
-import gzip
 import plistlib
 import random
 import tarfile
@@ -70,7 +69,7 @@ class Source:
     make_views: Callable[[Source, random.Random, Scale], Iterator[View]]
     path: Path | None
     plane: str | None = None
-    note: str = ""
+    atlas: bool = False  # labelled by the AAL atlas (Colin27 is the brain AAL was drawn on)
 
 
 # ---------------------------------------------------------------- 2D images
@@ -155,14 +154,13 @@ def slice_indices(mask: np.ndarray, plane: str, n: int, rng: random.Random) -> l
     return [int(good[rng.randrange(int(lo), max(int(lo) + 1, int(hi)))]) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def to_display(values: np.ndarray, spacing: tuple[float, float], resample=Image.BICUBIC) -> Image.Image:
+def to_display(values: np.ndarray, spacing: tuple[float, float], resample: int = Image.BICUBIC) -> Image.Image:
     """Resize a 2D slice so pixels are square (physical aspect) with the longest side DISPLAY_SIDE."""
     rows, cols = values.shape
     height, width = rows * spacing[0], cols * spacing[1]
     scale = DISPLAY_SIDE / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    image = values if isinstance(values, Image.Image) else Image.fromarray(values)
-    return image.resize(size, resample)
+    return Image.fromarray(np.ascontiguousarray(values)).resize(size, resample)
 
 
 def read_inv3(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -228,11 +226,11 @@ def mri_volume_views(source: Source, rng: random.Random, scale: Scale) -> Iterat
     volume, affine = load_nifti(source.path)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     mask = volume > 0.2 * np.percentile(volume, 99)
-    atlas, atlas_affine = load_atlas() if source.note == "aal" else (None, None)
-    if atlas is not None and np.allclose(affine[:3, :3], np.diag(zooms)):
+    atlas, atlas_affine = load_atlas() if source.atlas else (None, None)
+    if source.atlas:
         midline_i = -affine[0, 3] / affine[0, 0]  # world x = 0 in MNI space
     else:
-        midline_i = float(np.nonzero(mask)[0].mean())
+        midline_i = float(np.nonzero(mask)[0].mean())  # centre of mass of the head
     for plane in PLANE_AXIS:
         rows_axis, cols_axis = PLANE_SPACING[plane]
         spacing = (zooms[rows_axis], zooms[cols_axis])
@@ -353,7 +351,7 @@ def catalogue() -> list[Source]:
         Source("skimage:retina", "train", "fundus photograph", "eye", photo_views, package_file("skimage", "data/retina.jpg")),
         Source("skimage:ihc", "train", "histology", "tissue", photo_views, package_file("skimage", "data/ihc.png")),
         Source("invesalius:Cranium", "train", "CT", "head", ct_volume_views, invesalius_file()),
-        Source("mricron:colin27", "train", "MRI", "head", mri_volume_views, colin if colin.exists() else None, note="aal"),
+        Source("mricron:colin27", "train", "MRI", "head", mri_volume_views, colin if colin.exists() else None, atlas=True),
         # validation
         Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),
         Source("nibabel:mra_mip", "val", "MRI", None, dicom_views, package_file("nibabel", "nicom/tests/data/slicethickness_empty_string.dcm")),
@@ -374,6 +372,6 @@ def load_views(source: Source, rng: random.Random, scale: Scale) -> list[View]:
         return []
     try:
         return list(source.make_views(source, rng, scale))
-    except (OSError, ValueError, RuntimeError, NotImplementedError, KeyError, gzip.BadGzipFile) as error:
+    except Exception as error:  # a corrupt or undecodable file must not stop the build
         warnings.warn(f"offline-med: skipping {source.id}: {type(error).__name__}: {error}", stacklevel=2)
         return []
