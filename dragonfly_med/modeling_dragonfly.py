@@ -77,6 +77,8 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
         n_cls = int(self.image_encoder.has_cls)
         cls, grid = features[:, :n_cls], features[:, n_cls:]
         m, _, c = grid.shape
+        if m == 0:  # an image seen at the low level only
+            return features[:, :n_cls]
         side = self.image_encoder.feature_grid
         grid = grid.reshape(m, side, side, c).permute(0, 3, 1, 2)
         pooled = F.adaptive_avg_pool2d(grid, geometry.pooled_grid).flatten(2).transpose(1, 2)
@@ -94,9 +96,10 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
             raise ValueError(
                 f"num_crops {list(num_crops)} sums to {sum(num_crops)}, but pixel_values has {pixel_values.shape[0]} crops"
             )
-        weight = self.vision_embed_tokens.weight
-        features = self.image_encoder(pixel_values.to(device=weight.device, dtype=weight.dtype))
-        return features.split(list(num_crops))
+        tower = next(self.image_encoder.parameters())
+        features = self.image_encoder(pixel_values.to(device=tower.device, dtype=tower.dtype))
+        projector = self.vision_embed_tokens.weight  # may sit on another device (device_map)
+        return features.to(device=projector.device, dtype=projector.dtype).split(list(num_crops))
 
     def encode_images(
         self, pixel_values: torch.Tensor, num_crops: Sequence[int] | torch.Tensor | None = None

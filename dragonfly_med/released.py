@@ -109,6 +109,7 @@ def released_config(directory: str | Path) -> DragonflyConfig:
         eos_token_ids=[ids[EOS_TOKEN]],
         prompt_format="llama3-dragonfly",
         vision_feature_layer=-2,
+        dtype=raw.get("dtype", raw.get("torch_dtype")),
     )
 
 

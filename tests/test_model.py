@@ -269,3 +269,10 @@ def test_save_load_round_trip_our_format(model, tmp_path):
         expected = model(input_ids=ids, pixel_values=pixels(2), num_crops=[2]).logits
         actual = loaded(input_ids=ids, pixel_values=pixels(2), num_crops=[2]).logits
     torch.testing.assert_close(actual, expected)
+
+
+def test_low_view_only_image(model):
+    """An image encoded at the low level only (the paper's L ablation) has no pooled crops."""
+    embeds = model.encode_images(pixels(1 + 2), [1, 2])
+    g = model.config.get_geometry()
+    assert [e.shape[0] for e in embeds] == [g.low_tokens, g.low_tokens + g.pooled_tokens]
