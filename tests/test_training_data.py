@@ -1,0 +1,195 @@
+"""Data: converters on fixture files written in each benchmark's official layout, readers,
+seeded mixtures with interleaved text-only steps, and dedup."""
+
+import gzip
+import json
+import pickle
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from training.__main__ import main
+from training.convert import convert, report_section
+from training.data import build_mixture, plan_steps, read_records
+from training.dedup import dedup
+from training.recipe import DatasetSpec, load_recipe
+
+
+def image(path, size=(8, 6), color=(10, 20, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def load_split(out, split):
+    return [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+
+
+def check_images_resolve(out, rows):
+    for row in rows:
+        assert (out / row["image"]).exists(), row
+
+
+def test_vqa_rad(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    image(src / "VQA_RAD Image Folder" / "synpic1.jpg")
+    rows = [
+        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a fracture?", "answer": "No", "answer_type": "CLOSED", "phrase_type": "freeform"},
+        {"qid": 2, "image_name": "synpic1.jpg", "question": "What organ?", "answer": "brain", "answer_type": "OPEN ", "phrase_type": "test_para"},
+        {"qid": 3, "image_name": "synpic1.jpg", "question": "How many?", "answer": 2, "answer_type": "OPEN", "phrase_type": "test_freeform"},
+    ]
+    src.mkdir(exist_ok=True)
+    (src / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+    assert convert("vqa-rad", src, out) == {"train": 1, "test": 2}
+    train, test = load_split(out, "train"), load_split(out, "test")
+    assert train[0]["answer_type"] == "closed" and train[0]["conversations"][1]["value"] == "No"
+    assert train[0]["conversations"][0]["value"] == "<image>\nIs there a fracture?"
+    assert [r["answer_type"] for r in test] == ["open", "open"] and test[1]["conversations"][1]["value"] == "2"
+    check_images_resolve(out, train + test)
+    records = read_records(out / "test.jsonl", out)
+    assert records[0].turns == [("What organ?", "brain")] and records[0].image.exists()
+
+
+def test_slake_keeps_english_only(tmp_path):
+    src, out = tmp_path / "Slake1.0", tmp_path / "out"
+    image(src / "imgs" / "xmlab1" / "source.jpg")
+    base = {"img_name": "xmlab1/source.jpg", "answer_type": "CLOSED"}
+    (src / "train.json").write_text(json.dumps([
+        base | {"qid": 1, "question": "Is this a CT?", "answer": "Yes", "q_lang": "en"},
+        base | {"qid": 2, "question": "这是CT吗?", "answer": "是", "q_lang": "zh"},
+    ]))
+    (src / "test.json").write_text(json.dumps([base | {"qid": 3, "question": "Which organ?", "answer": "Lung", "q_lang": "en", "answer_type": "OPEN"}]))
+    assert convert("slake", src, out) == {"train": 1, "test": 1}
+    assert load_split(out, "test")[0]["answer_type"] == "open"
+    check_images_resolve(out, load_split(out, "train"))
+
+
+def test_path_vqa_pickles(tmp_path):
+    src, out = tmp_path / "split", tmp_path / "out"
+    image(src / "images" / "train" / "train_0001.jpg")
+    image(src / "images" / "test" / "test_0001.jpg")
+    for name, rows in {
+        "train": [{"image": "train_0001", "question": "Is this necrosis?", "answer": "yes"}],
+        "test": [{"image": "test_0001", "question": "What is shown?", "answer": "granuloma"}],
+    }.items():
+        (src / "qas" / name).mkdir(parents=True)
+        (src / "qas" / name / f"{name}_qa.pkl").write_bytes(pickle.dumps(rows))
+    assert convert("path-vqa", src, out) == {"train": 1, "test": 1}
+    assert load_split(out, "train")[0]["answer_type"] == "closed"
+    assert load_split(out, "test")[0]["answer_type"] == "open"
+    check_images_resolve(out, load_split(out, "test"))
+
+
+@pytest.mark.parametrize(("name", "folder"), [("iu-xray", "iu_xray_images"), ("peir-gross", "peir_gross_images")])
+def test_biocaption_layouts(tmp_path, name, folder):
+    src, out = tmp_path / "src", tmp_path / "out"
+    image(src / folder / "a.png")
+    image(src / folder / "b.png")
+    (src / "train_images.tsv").write_text("a.png\tNo acute   cardiopulmonary abnormality.\n")
+    (src / "test_images.tsv").write_text("b.png\tHeart size normal.\n")
+    assert convert(name, src, out) == {"train": 1, "test": 1}
+    row = load_split(out, "train")[0]
+    assert row["conversations"][1]["value"] == "No acute cardiopulmonary abnormality."
+    check_images_resolve(out, [row])
+
+
+def test_roco(tmp_path):
+    src, out = tmp_path / "data", tmp_path / "out"
+    folder = src / "test" / "radiology"
+    image(folder / "images" / "PMC1_fig1.jpg")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "captions.txt").write_text("ROCO_00001\t CT of the chest showing a mass. \nROCO_00002\t no image here\n")
+    (folder / "dlinks.txt").write_text("ROCO_00001\t wget ftp://example/PMC1.tar.gz\t PMC1_fig1.jpg\n")
+    assert convert("roco", src, out) == {"test": 1}
+    row = load_split(out, "test")[0]
+    assert row["id"] == "ROCO_00001" and row["conversations"][1]["value"] == "CT of the chest showing a mass."
+    check_images_resolve(out, [row])
+
+
+def test_mimic_cxr_findings_with_frontal_view(tmp_path):
+    src, out = tmp_path / "mimic", tmp_path / "out"
+    study = src / "files" / "p10" / "p10000032"
+    image(study / "s50414267" / "d-pa.jpg")
+    image(study / "s50414267" / "d-lat.jpg")
+    src.mkdir(exist_ok=True)
+    (src / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(gzip.compress(
+        b"dicom_id,study_id,subject_id,split\nd-pa,50414267,10000032,test\nd-lat,50414267,10000032,test\n"
+    ))
+    (src / "mimic-cxr-2.0.0-metadata.csv").write_text(
+        "dicom_id,subject_id,study_id,ViewPosition\nd-lat,10000032,50414267,LATERAL\nd-pa,10000032,50414267,PA\n"
+    )
+    (study / "s50414267.txt").write_text(
+        "FINAL REPORT\n EXAMINATION: CHEST (PA AND LAT)\n\n FINDINGS:\n There is no focal\n consolidation.\n\n IMPRESSION:\n No acute process.\n"
+    )
+    assert convert("mimic-cxr", src, out) == {"test": 1}
+    row = load_split(out, "test")[0]
+    assert row["image"].endswith("d-pa.jpg") and row["answer_type"] == "report"
+    assert row["conversations"][1]["value"] == "There is no focal consolidation."
+    assert report_section("IMPRESSION: ok") is None
+
+
+def test_release_parquet_layout(tmp_path):
+    image(tmp_path / "img" / "x.png")
+    turn = "<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|>"
+    table = pa.table({
+        "image_url": ["x.png", "x.png", ""],
+        "conversations": [turn.format(q="Q1", a="A1") + turn.format(q="Q2", a="A2"), None, turn.format(q="hi", a="hello")],
+        "text": [None, "A chest film.", None],
+        "source": ["mix", "captions", "textonly"],
+    })
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    records = read_records(tmp_path, tmp_path / "img")
+    assert records[0].turns == [("Q1", "A1"), ("Q2", "A2")] and records[0].image == tmp_path / "img" / "x.png"
+    assert records[1].turns[0][1] == "A chest film." and records[1].source == "captions"
+    assert records[2].image is None
+
+
+def test_mixture_is_seeded_weighted_and_interleaves_text(tmp_path):
+    specs = [
+        DatasetSpec("a", "a", weight=1.0),
+        DatasetSpec("b", "b", count=4),
+        DatasetSpec("text", "t", interleave_every=3),
+        DatasetSpec("math", "m", interleave_every=6),
+    ]
+    sizes = [8, 2, 4, 3]
+    steps = plan_steps(specs, sizes, seed=1, epochs=1.0, global_batch=2)
+    assert steps == plan_steps(specs, sizes, seed=1, epochs=1.0, global_batch=2)
+    assert steps != plan_steps(specs, sizes, seed=2, epochs=1.0, global_batch=2)
+    main_refs = [r for s in steps if s.stream == -1 for r in s.refs]
+    assert len(main_refs) == 12 and sorted(i for d, i in main_refs if d == 0) == list(range(8))
+    assert sorted(i for d, i in main_refs if d == 1) == [0, 0, 1, 1]  # count 4 of 2: two passes
+    # step s (1-based): every 6th is math (the rarer stream wins), every other 3rd is text;
+    # interleaved steps are extra, so the 6 main batches end at step 8
+    assert [s.stream for s in steps] == [-1, -1, 2, -1, -1, 3, -1, -1]
+    assert plan_steps(specs[:2], sizes[:2], seed=1, epochs=1.5, global_batch=2)[-1].refs  # fractional epochs
+
+
+def test_tiny_recipe_mixture_and_dedup(tmp_path, monkeypatch):
+    monkeypatch.setenv("DRAGONFLY_CACHE", str(tmp_path / "cache"))
+    mixture = build_mixture(load_recipe("tiny-general-stage2"))
+    streams = [s.stream for s in mixture.steps]
+    text = mixture.names.index("tiny-text")
+    assert streams[2] == text and all(r.image is None for r in mixture.records(mixture.steps[2]))
+    records = mixture.datasets[0]
+    kept, dropped = dedup(records + records[:3])
+    assert dropped == 3 and kept == records
+
+
+def test_dedup_and_check_commands(tmp_path, capsys):
+    a, b = image(tmp_path / "a.png"), image(tmp_path / "copy-of-a.png")
+    rows = [
+        {"id": "1", "image": a.name, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]},
+        {"id": "2", "image": b.name, "conversations": [{"from": "human", "value": "<image>\nwhat  is it?"}, {"from": "gpt", "value": "y"}]},
+        {"id": "3", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": " "}]},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    assert main(["dedup", "--data", str(data), "--image-root", str(tmp_path), "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped"] == 1
+    kept = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in kept] == ["1", "3"] and kept[0]["image"] == "a.png"
+    assert main(["check", "--data", str(data), "--image-root", str(tmp_path), "--no-lengths"]) == 1
+    report = json.loads(capsys.readouterr().out)["datasets"][str(data)]
+    assert report["missing_images"] == ["3"] and report["empty_answers"] == ["3"]
