@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
+# Real medical volumes for the offline-med data builder (GPL/BSD data: installed, never vendored).
+[ -d /usr/share/mricron/templates ] || need_apt+=(mricron-data)
+[ -f /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ] || need_apt+=(invesalius-examples)
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
