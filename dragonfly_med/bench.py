@@ -140,7 +140,7 @@ def released_shaped_model(vision_layers: int, text_layers: int = 1):
     return DragonflyForConditionalGeneration(config).eval()
 
 
-def bench_pool_first(vision_layers: int = 2, repeats: int = 3) -> dict[str, Any]:
+def bench_pool_first(vision_layers: int = 1, repeats: int = 3) -> dict[str, Any]:
     torch.manual_seed(0)
     model = released_shaped_model(vision_layers)
     geometry = model.config.get_geometry()
@@ -278,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument(
-        "--vision-layers", type=int, default=2, help="CLIP depth for the pooling benchmark"
+        "--vision-layers", type=int, default=1, help="CLIP depth for the pooling benchmark"
     )
     parser.add_argument(
         "--docs", action="store_true", help=f"write the {SECTION!r} section of docs/benchmarks.md"

@@ -99,3 +99,27 @@ def test_ask_with_a_model_directory(tmp_path):
     assert {"answer", "model", "ttft_s", "tokens_per_s", "plan"} <= data.keys()
     assert data["model"] == str(model_dir) and isinstance(data["answer"], str)
     assert data["plan"]["num_crops"] == 41 and data["ttft_s"] > 0
+
+
+def test_bench_writes_only_its_section(tmp_path):
+    from dragonfly_med.bench import SECTION, markdown, write_docs
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n## Ingestion\nkeep me\n\n## Model\nold figures\n\n## App\nkeep me too\n")
+    results = {"machine": "test", "preprocess_speedup": 6.0,
+               "preprocess": [{"size": "512x512", "ours_ms": 10.0, "per_crop_ms": 60.0, "released_ms": 70.0,
+                               "per_crop_ratio": 6.0, "released_ratio": 7.0}]}  # fmt: skip
+    write_docs(results, docs)
+    text = docs.read_text()
+    assert "old figures" not in text and "keep me\n" in text and "## App\nkeep me too" in text
+    assert text.count(SECTION) == 1 and "**6.0x**" in text
+    assert markdown(results).startswith(SECTION)
+
+
+def test_bench_preprocess_ratio_is_the_smallest(monkeypatch):
+    from dragonfly_med import bench
+
+    monkeypatch.setattr(bench, "PREPROCESS_SIZES", ((64, 48),))
+    result = bench.bench_preprocess(repeats=1)
+    row = result["preprocess"][0]
+    assert result["preprocess_speedup"] == min(row["per_crop_ratio"], row["released_ratio"])
