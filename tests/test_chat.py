@@ -177,3 +177,18 @@ def test_preview_and_concurrent_users(engine, image):
         t.join(60)
     assert len(results) == 3
     assert results[1] == engine.answer(image, "Question 1?", SamplingParams(max_new_tokens=4))
+
+
+@pytest.mark.slow
+def test_real_tiny_default_two_turns():
+    """The embedded default end to end: ChatML prompt, eos <|im_end|>, turn 2 from the cache."""
+    engine = ChatEngine.load("tiny")
+    assert engine.processor.prompt_format == "chatml"
+    assert engine.eos_token_ids == engine.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>"])
+    conv = engine.new_conversation(Image.new("RGB", (300, 200), (200, 30, 30)))
+    list(conv.stream("What colour is this image?", SamplingParams(max_new_tokens=4)))
+    assert conv.last_stats.status == "ok" and conv.history[0][1]
+    with VisionSpy(engine.model) as spy:
+        list(conv.stream("Are you sure?", SamplingParams(max_new_tokens=4)))
+        assert spy.calls == 0
+    assert conv.last_stats.status == "ok" and conv.last_stats.reused_tokens > 250
