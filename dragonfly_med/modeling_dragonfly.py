@@ -152,6 +152,16 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
 
     # ---- forward / generate ---------------------------------------------------------------
 
+    def _image_already_cached(self, input_ids: torch.Tensor | None, cache: Cache | None) -> bool:
+        """A later turn continuing from a KV cache: the new tokens hold no placeholder because the
+        image block is in the cache already, so image inputs passed again are not re-encoded."""
+        return (
+            input_ids is not None
+            and cache is not None
+            and cache.get_seq_length() > 0
+            and not (input_ids == self.config.image_token_id).any()
+        )
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -171,13 +181,16 @@ class DragonflyForConditionalGeneration(DragonflyPreTrainedModel, GenerationMixi
     ) -> CausalLMOutputWithPast:
         """`input_ids` with the image block already expanded (one placeholder per visual token);
         images as `pixel_values` + `num_crops`, or as `image_embeds` from `encode_images` (so a
-        chat can encode its image once). `image_sizes` is accepted so that the processor's output
+        chat can encode its image once); continuing from a `cache` that already holds the image
+        block, image inputs are ignored. `image_sizes` is accepted so that the processor's output
         can be passed as is; the crop layout is already in `num_crops` and the placeholders.
         `past_key_values` is accepted as the old name of `cache`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and image_embeds is not None:
             raise ValueError("pass pixel_values or image_embeds, not both")
+        if self._image_already_cached(input_ids, cache):
+            pixel_values = image_embeds = None
         if pixel_values is not None:
             image_embeds = self.encode_images(pixel_values, num_crops)
         if inputs_embeds is None:

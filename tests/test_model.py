@@ -276,3 +276,22 @@ def test_low_view_only_image(model):
     embeds = model.encode_images(pixels(1 + 2), [1, 2])
     g = model.config.get_geometry()
     assert [e.shape[0] for e in embeds] == [g.low_tokens, g.low_tokens + g.pooled_tokens]
+
+
+def test_second_turn_reuses_kv_cache_without_the_tower(model, monkeypatch):
+    """Turn 2 continues from turn 1's cache: same tokens as a fresh run, vision tower not called."""
+    pv = pixels(2)
+    turn1 = torch.tensor([image_block(model, 2) + [20, 21]])
+    common = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    out1 = model.generate(
+        input_ids=turn1, pixel_values=pv, num_crops=[2], return_dict_in_generate=True, **common
+    )
+    turn2 = torch.cat([out1.sequences, torch.tensor([[30, 31]])], dim=1)
+    fresh = model.generate(input_ids=turn2, pixel_values=pv, num_crops=[2], **common)
+    calls = []
+    monkeypatch.setattr(model.image_encoder, "forward", lambda *a, **k: calls.append(1))
+    reused = model.generate(
+        input_ids=turn2, cache=out1.cache, pixel_values=pv, num_crops=[2], **common
+    )
+    assert reused.tolist() == fresh.tolist()
+    assert calls == []
