@@ -282,7 +282,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     model, processor = load_model(init, dtype=torch.float32, device_map={"": str(accelerator.device)})
     trainable = apply_tune(model, recipe.tune)
     if recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.learning_rate, betas=recipe.adam_betas)
     scheduler = make_scheduler(recipe, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)

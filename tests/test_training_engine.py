@@ -1,0 +1,161 @@
+"""The engine: freezing per stage, answer-only loss, truncation, a run that loads back, exact resume.
+
+Most tests use a tiny RANDOM Dragonfly (CLIP 28 px, 2-layer Llama) sharing the tiny default's
+tokenizer, so they take seconds; one test trains the real tiny default for 2 steps.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
+
+from dragonfly_med.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.geometry import Geometry
+from dragonfly_med.loading import load_model
+from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
+from dragonfly_med.processing_dragonfly import DragonflyProcessor
+from dragonfly_med.tiny import EOS_TOKEN, IMAGE_TOKEN, SEPARATOR_TOKEN, tiny_model_dir
+from training.data import build_mixture
+from training.recipe import load_recipe
+from training.trainer import MicroBatches, answer_loss, apply_tune, model_parts, param_groups, train
+
+STAGES = ("general-stage1", "general-stage2", "med-stage1", "med-stage2", "med-stage3")
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, SEPARATOR_TOKEN, EOS_TOKEN])
+    config = DragonflyConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
+        geometry=Geometry(crop_size=28, feature_grid=2, pooled_grid=1, cls_token=True, high_scale=1).to_dict(),
+        image_token_id=ids[0], separator_token_id=ids[1], eos_token_ids=[ids[2]], prompt_format="chatml",
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("random-dragonfly")
+    DragonflyForConditionalGeneration(config).save_pretrained(directory)
+    DragonflyProcessor.from_model_config(config, tokenizer).save_pretrained(directory)
+    return directory
+
+
+def first_batch(recipe, processor):
+    batch = MicroBatches(build_mixture(recipe), processor, recipe, rank=0, world=1, start_step=0, total_steps=1)[0]
+    batch.pop("num_truncated")
+    return batch
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_trains_exactly_what_its_recipe_says(stage, random_model_dir):
+    recipe = load_recipe(stage)
+    model, processor = load_model(random_model_dir, dtype=torch.float32)
+    apply_tune(model, recipe.tune)
+    batch = first_batch(load_recipe(f"tiny-{stage}"), processor)
+    answer_loss(model, batch).backward()
+    for name, part in model_parts(model).items():
+        tuned = getattr(recipe.tune, name)
+        assert all(p.requires_grad == tuned for p in part.parameters()), name
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        if tuned:  # (CLIP's last layer is unused: features come from the penultimate one)
+            assert grads and any(g.abs().sum() > 0 for g in grads), name
+        else:
+            assert not grads, name
+            assert not part.training, f"frozen {name} must stay in eval mode"
+
+
+def test_weight_decay_groups(random_model_dir):
+    model, _ = load_model(random_model_dir, dtype=torch.float32)
+    apply_tune(model, load_recipe("general-stage2").tune)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "vision_embed_tokens.weight" in decayed and "vision_embed_tokens.bias" in exempt
+    assert "language_model.model.embed_tokens.weight" in exempt
+    assert any("norm" in n for n in exempt) and not any("norm" in n or n.endswith("bias") for n in decayed)
+    assert len(decayed) + len(exempt) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_loss_only_on_answers_of_a_multi_turn_sample(random_model_dir):
+    model, processor = load_model(random_model_dir, dtype=torch.float32)
+    turns = [("What modality is this?", "A chest X-ray."), ("Any effusion?", "No effusion is seen.")]
+    batch = processor(images=[Image.new("RGB", (60, 40), "white"), None], conversation=[turns, [("Hi", "Hello.")]], return_labels=True)
+    labels = batch["labels"]
+    eos = processor.eos_token_ids[0]
+    learned = labels[0][labels[0] != -100].tolist()
+    assert processor.tokenizer.decode(learned) == "A chest X-ray.<|im_end|>No effusion is seen.<|im_end|>"
+    assert learned.count(eos) == 2
+    image_positions = batch["input_ids"][0] == model.config.image_token_id
+    assert image_positions.any() and (labels[0][image_positions] == -100).all()
+    padding = batch["attention_mask"][1] == 0
+    assert padding.any() and (labels[1][padding] == -100).all()  # right padding, never learned
+    # the model's loss equals a cross-entropy over exactly these answer tokens
+    with torch.no_grad():
+        loss = answer_loss(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "num_crops")})
+        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "num_crops")}).logits
+    targets = labels[:, 1:]
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1][targets != -100], targets[targets != -100])
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_truncation_is_counted_and_keeps_the_image_block(random_model_dir):
+    _, processor = load_model(random_model_dir, dtype=torch.float32)
+    recipe = load_recipe("tiny-med-stage2", ["max_seq_length=38"])
+    batch = MicroBatches(build_mixture(recipe), processor, recipe, 0, 1, 0, 1)[0]
+    assert batch["num_truncated"] == 1 and batch["input_ids"].shape[1] == 38
+    # the image block survived whole: one placeholder per visual token of the image's plan
+    plan = processor.image_processor.plan(Image.open(recipe_image(recipe, 0)).size)
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == plan.budget.visual_tokens
+
+
+def recipe_image(recipe, step):
+    mixture = build_mixture(recipe)
+    return mixture.records(mixture.steps[step])[0].image
+
+
+def run(recipe_name, init, out, *overrides, resume=None):
+    recipe = load_recipe(recipe_name, [f"init_from={init}", *overrides])
+    return train(recipe, out, resume)
+
+
+def test_run_writes_metrics_plot_and_a_loadable_model(random_model_dir, tmp_path):
+    summary = run("tiny-general-stage1", random_model_dir, tmp_path / "run", "max_steps=2")
+    assert summary["steps"] == 2 and set(summary["losses"]) == {1, 2}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+    trained, _ = load_model(tmp_path / "run" / "final", dtype=torch.float32)
+    initial, _ = load_model(random_model_dir, dtype=torch.float32)
+    changed = {n for (n, a), (_, b) in zip(trained.state_dict().items(), initial.state_dict().items(), strict=True) if not torch.equal(a, b)}
+    assert changed == {"vision_embed_tokens.weight", "vision_embed_tokens.bias"}  # projector only
+
+
+def test_resume_reproduces_the_uninterrupted_run(random_model_dir, tmp_path):
+    # tiny-general-stage2: everything trained, step 3 is an interleaved text-only step
+    full = run("tiny-general-stage2", random_model_dir, tmp_path / "full", "save_steps=2")
+    assert full["steps"] == 4
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoints", resumed_dir / "checkpoints")
+    resumed = run("tiny-general-stage2", random_model_dir, resumed_dir, "save_steps=2", resume="auto")
+    assert resumed["resumed_from"] == 2 and set(resumed["losses"]) == {3, 4}
+    for step in (3, 4):
+        assert resumed["losses"][step] == pytest.approx(full["losses"][step], rel=1e-6, abs=1e-7)
+    a = load_model(tmp_path / "full" / "final", dtype=torch.float32)[0].state_dict()
+    b = load_model(resumed_dir / "final", dtype=torch.float32)[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    rows = [json.loads(x)["stream"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == ["main", "main", "tiny-text", "main"]
+
+
+@pytest.mark.slow
+def test_tiny_default_trains_two_steps_and_loads(tmp_path):
+    out = tmp_path / "tiny-run"
+    summary = train(load_recipe("tiny-general-stage1", ["max_steps=2", "global_batch_size=1"]), out)
+    assert summary["steps"] == 2
+    model, processor = load_model(out / "final")
+    assert model.config.prompt_format == "chatml" and processor.image_token_id == model.config.image_token_id
