@@ -1,6 +1,8 @@
 """Each metric on hand-checked values (percentages, as the paper reports them)."""
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,34 @@ def test_caption_metrics_on_exact_matches():
     assert same["meteor"] == pytest.approx(100.0)
     assert same["rouge_l"] == pytest.approx(100.0)
 
+
+
+def write_vqa_rad(src):
+    from PIL import Image
+
+    (src / "VQA_RAD Image Folder").mkdir(parents=True)
+    Image.new("RGB", (16, 12), "gray").save(src / "VQA_RAD Image Folder" / "synpic1.jpg")
+    rows = [
+        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a fracture?", "answer": "no", "answer_type": "CLOSED", "phrase_type": "test_freeform"},
+        {"qid": 2, "image_name": "synpic1.jpg", "question": "Which lobe?", "answer": "left lobe", "answer_type": "OPEN", "phrase_type": "test_para"},
+        {"qid": 3, "image_name": "synpic1.jpg", "question": "Is it normal?", "answer": "yes", "answer_type": "CLOSED", "phrase_type": "freeform"},
+    ]
+    (src / "VQA_RAD Dataset Public.json").write_text(json.dumps(rows))
+
+
+def test_evaluate_writes_predictions_scores_and_paper_table(tmp_path):
+    from training.evaluate import evaluate, load_split, paper_table
+
+    write_vqa_rad(tmp_path / "src")
+    records = load_split("vqa-rad", tmp_path / "src", "test")
+    answers = {"Is there a fracture?": "No, there is none.", "Which lobe?": "the left lower lobe"}
+    scores = evaluate("vqa-rad", records, lambda image, q: answers[q] if image is not None else "", tmp_path / "out")
+    # closed: "No, there is none." commits to "no" -> 100 %. Token F1: {no, there, is, none} vs {no}:
+    # P = 1/4, R = 1 -> 0.4; "the left lower lobe" vs "left lobe" -> 0.8 (see above); mean 60 %.
+    assert scores["n"] == 2 and scores["metrics"]["closed_accuracy"] == 100.0
+    assert scores["metrics"]["token_f1"] == pytest.approx(100 * (0.4 + 0.8) / 2, abs=0.01)
+    rows = [json.loads(x) for x in Path(scores["predictions_file"]).read_text().splitlines()]
+    assert set(rows[0]) == {"id", "question", "reference", "prediction", "answer_type"}
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["metrics"] == scores["metrics"]
+    table = paper_table(scores)
+    assert "Dragonfly-Med (paper)" in table and "78.1" in table and "61.4" in table and "100.0" in table
