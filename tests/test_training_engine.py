@@ -159,3 +159,18 @@ def test_tiny_default_trains_two_steps_and_loads(tmp_path):
     assert summary["steps"] == 2
     model, processor = load_model(out / "final")
     assert model.config.prompt_format == "chatml" and processor.image_token_id == model.config.image_token_id
+
+
+def test_eval_command_with_a_model(random_model_dir, tmp_path, capsys):
+    from test_training_metrics import write_vqa_rad
+
+    from training.__main__ import main
+
+    write_vqa_rad(tmp_path / "src")
+    out = tmp_path / "eval"
+    assert main(["eval", "--benchmark", "vqa-rad", "--data", str(tmp_path / "src"), "--model", str(random_model_dir),
+                 "--max-new-tokens", "3", "--output", str(out), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["benchmark"] == "vqa-rad" and scores["n"] == 2
+    assert set(scores["metrics"]) >= {"closed_accuracy", "token_f1"}
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
