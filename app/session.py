@@ -102,6 +102,7 @@ class UserSession:
         self.frame: int | None = None
         self.conversation = None
         self.stop_event = threading.Event()
+        self.image_lock = threading.Lock()
         self.turn_ids: list[int] = []  # log id of each answer shown, in chat order
         self.log_id: str | None = None
         self.image_id: int | None = None
@@ -116,10 +117,17 @@ class UserSession:
         return self._show(loaded)
 
     def redisplay(self, window: str | tuple[float, float] | None, frame: int | None) -> ImageView:
-        """Same file, other window or frame: new pixels, so a new conversation too."""
+        """Same file, other window or frame: new pixels, so a new conversation too.
+
+        A repeat of the current choice changes nothing (a dropdown may report one choice twice,
+        in two concurrent events: the lock makes the second see the first's result).
+        """
         if self.source is None:
             raise LookupError("no image loaded")
-        return self.load(self.source, window, frame)
+        with self.image_lock:
+            if (window, frame) == (self.window, self.frame):
+                return self.view
+            return self.load(self.source, window, frame)
 
     def _show(self, loaded: LoadedImage) -> ImageView:
         plan, crops = self.services.engine.preview(loaded.image)
@@ -158,7 +166,11 @@ class UserSession:
             raise LookupError("nothing to regenerate yet")
         if self.turn_ids:
             self.turn_ids.pop()
-        return self._turn(self.last_question, params, lambda stop: self.conversation.regenerate(params, stop))
+        question, conversation = self.last_question, self.conversation
+        if conversation.history and conversation.history[-1][0] == question:
+            return self._turn(question, params, lambda stop: conversation.regenerate(params, stop))
+        # the last answer was cancelled before the engine recorded it: ask the question again
+        return self._turn(question, params, lambda stop: conversation.stream(question, params, stop))
 
     def _turn(self, question: str, params: SamplingParams, start) -> Iterator[str]:
         """Run one generation; log it however it ends (done, stopped, failed or cancelled)."""

@@ -93,7 +93,9 @@ def test_closed_generator_is_logged_as_stopped(services: Services) -> None:
     next(stream)
     stream.close()  # what Gradio does to a cancelled event
     assert rows(services, "SELECT status FROM turns") == [("stopped",)]
-    assert list(session.ask("Hello?", QUICK))[-1]  # the engine is free again
+    assert list(session.regenerate(QUICK))[-1]  # the engine is free again and asks the same question
+    assert session.conversation.history[-1][0] == "Count from 1 to 1000, separated by commas."
+    assert rows(services, "SELECT status FROM turns ORDER BY id") == [("stopped",), ("ok",)] and len(session.turn_ids) == 1
 
 
 def test_history_lists_exports_and_filters_by_user(services: Services) -> None:

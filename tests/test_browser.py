@@ -76,8 +76,35 @@ def test_upload_overlay_ask_stream_stop(page, served) -> None:
     time.sleep(3)
     assert answer_text(page) == stopped, "the answer kept growing after Stop"
     page.screenshot(path=str(ARTIFACTS / "browser-3-stopped.png"), full_page=True)
-    con = sqlite3.connect(workdir / "log.sqlite")
-    rows = con.execute("SELECT status, new_tokens FROM turns").fetchall()
-    con.close()
+    rows = db(workdir, "SELECT status, new_tokens FROM turns")
     assert rows and rows[-1][0] == "stopped" and rows[-1][1] < 1024, rows
     assert phi_leaks(page.content()) == []
+
+    page.locator("#chat button[aria-label='Like']").last.click()
+    wait_for(lambda: db(workdir, "SELECT liked FROM feedback") == [(1,)])
+    page.locator("#window input").click()
+    page.get_by_role("option", name="Lung").click()
+    page.get_by_text("Window changed").wait_for()
+    assert "preset:lung" in page.locator("#facts").inner_text()
+    assert page.locator("#chat .bot").count() == 0  # new pixels, new conversation
+    assert db(workdir, "SELECT json_extract(window, '$.source') FROM images") == [("minmax",), ("preset:lung",)]
+    page.get_by_role("tab", name="History").click()
+    page.locator("#history-table").get_by_text("CT 128×128").last.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "browser-4-history.png"), full_page=True)
+    page.close()
+    wait_for(lambda: db(workdir, "SELECT count(*) FROM sessions WHERE ended_at IS NULL") == [(0,)])
+
+
+def db(workdir: Path, sql: str) -> list[tuple]:
+    con = sqlite3.connect(workdir / "log.sqlite")
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.25)
