@@ -24,6 +24,7 @@ RELEASED_POOL_FACTOR = 4
 # a 135M LLM on a 2-core CPU well under the 2.5 s target (3x3 would be 450 positions).
 TINY_POOLED_GRID = 2
 
+PROMPT_FORMATS = ("llama3-dragonfly", "chatml")
 # Public CLIPVisionConfig values of the vision towers released checkpoints name, so that a
 # released config.json can be read without the hub.
 KNOWN_VISION_TOWERS: dict[str, dict] = {
@@ -126,6 +127,10 @@ class DragonflyConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}"
+            )
         geometry = (
             Geometry.from_dict(self.geometry)
             if self.geometry

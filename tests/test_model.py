@@ -295,3 +295,21 @@ def test_second_turn_reuses_kv_cache_without_the_tower(model, monkeypatch):
     )
     assert reused.tolist() == fresh.tolist()
     assert calls == []
+
+
+def test_config_round_trip_keeps_tower_type(tmp_path):
+    text = LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=VOCAB)
+    config = DragonflyConfig(vision_config=EfficientNetLite0Config(), text_config=text, image_token_id=IMAGE,
+                             separator_token_id=SEP, prompt_format="chatml", eos_token_ids=[EOS])  # fmt: skip
+    config.save_pretrained(tmp_path)
+    loaded = DragonflyConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded.vision_config, EfficientNetLite0Config)
+    assert loaded.vision_config.image_mean == config.vision_config.image_mean
+    assert loaded.get_geometry() == config.get_geometry()
+    assert (loaded.prompt_format, loaded.eos_token_ids, loaded.separator_token_id) == (
+        "chatml",
+        [EOS],
+        SEP,
+    )
+    with pytest.raises((ValueError, TypeError)):
+        DragonflyConfig(text_config=text, prompt_format="vicuna")
