@@ -157,8 +157,8 @@ class UserSession:
         if self.conversation is None:
             image = self.view.loaded.image if self.view else None
             self.conversation = self.services.engine.new_conversation(image)
-        self.last_question = question
-        return self._turn(question, params, lambda stop: self.conversation.stream(question, params, stop))
+        conversation, self.last_question = self.conversation, question
+        return self._turn(question, params, conversation, lambda stop: conversation.stream(question, params, stop))
 
     def regenerate(self, params: SamplingParams) -> Iterator[str]:
         """Stream a new answer to the last question (the engine drops the old one first)."""
@@ -168,22 +168,26 @@ class UserSession:
             self.turn_ids.pop()
         question, conversation = self.last_question, self.conversation
         if conversation.history and conversation.history[-1][0] == question:
-            return self._turn(question, params, lambda stop: conversation.regenerate(params, stop))
+            return self._turn(question, params, conversation, lambda stop: conversation.regenerate(params, stop))
         # the last answer was cancelled before the engine recorded it: ask the question again
-        return self._turn(question, params, lambda stop: conversation.stream(question, params, stop))
+        return self._turn(question, params, conversation, lambda stop: conversation.stream(question, params, stop))
 
-    def _turn(self, question: str, params: SamplingParams, start) -> Iterator[str]:
-        """Run one generation; log it however it ends (done, stopped, failed or cancelled)."""
+    def _turn(self, question: str, params: SamplingParams, conversation, start) -> Iterator[str]:
+        """Run one generation; log it however it ends (done, stopped, failed or cancelled).
+
+        The image and the list of answers are captured first: loading a new image mid-answer
+        stops this turn, which is still logged against the image it was about and never lands
+        among the new conversation's answers (whose thumbs must map to their own turns).
+        """
         self.stop_event = stop = threading.Event()
-        started, answer, finished, error = utcnow(), "", False, None
-        stream = None
+        image_id, turn_ids = self.image_id, self.turn_ids
+        started, answer, stats, error, stream = utcnow(), "", None, None, None
         try:
             stream = start(stop)
             for answer in stream:
                 yield answer
-            finished = True
-            stats = getattr(self.conversation, "last_stats", None)
-            if stats is not None and stats.status == "error":
+            stats = conversation.last_stats
+            if stats.status == "error":
                 yield error_message(stats.error)
         except Exception as exc:  # a generation error is shown in the chat; the session goes on
             error = f"{type(exc).__name__}: {exc}"
@@ -192,18 +196,8 @@ class UserSession:
             stop.set()  # a closed (cancelled) generator must not leave the model thread running
             if stream is not None:
                 stream.close()
-            self._log_turn(question, answer, params, started, finished, error)
-
-    def _log_turn(self, question: str, answer: str, params: SamplingParams, started, finished: bool, error: str | None) -> None:
-        stats = getattr(self.conversation, "last_stats", None) if finished else None
-        status = "error" if error else (stats.status if stats else "stopped")
-        error = error or (stats.error if stats else None)
-        record = TurnRecord(
-            question=question, answer=answer, sampling=sampling_dict(params), status=status, started_at=started,
-            ttft_s=getattr(stats, "ttft_s", None), tokens_per_s=getattr(stats, "tokens_per_s", None),
-            new_tokens=getattr(stats, "new_tokens", 0) or 0, error=error,
-        )
-        self.turn_ids.append(self.services.log.add_turn(self._log_session(), self.image_id, record))
+            record = turn_record(question, answer, params, started, stats, error)
+            turn_ids.append(self.services.log.add_turn(self._log_session(), image_id, record))
 
     def feedback(self, answer_index: int, liked: bool) -> bool:
         """Thumbs up/down on the answer_index-th answer of the conversation; False if unknown."""
@@ -226,6 +220,16 @@ class UserSession:
         if self.log_id is not None:
             self.services.log.end_session(self.log_id)
         self.source = self.view = self.conversation = None
+
+
+def turn_record(question: str, answer: str, params: SamplingParams, started, stats, error: str | None) -> TurnRecord:
+    """The log row of a turn; no stats means the stream was closed before it ended (stopped)."""
+    return TurnRecord(
+        question=question, answer=answer, sampling=sampling_dict(params), started_at=started,
+        status="error" if error else (stats.status if stats else "stopped"), error=error or getattr(stats, "error", None),
+        ttft_s=getattr(stats, "ttft_s", None), tokens_per_s=getattr(stats, "tokens_per_s", None),
+        new_tokens=getattr(stats, "new_tokens", 0) or 0,
+    )
 
 
 def sampling_dict(params: SamplingParams) -> dict:

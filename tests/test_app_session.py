@@ -118,3 +118,28 @@ def test_sessions_are_separate(services: Services) -> None:
     assert isinstance(a, UserSession) and a is not b and services.session_for("page-a", None) is a
     a.load(dicom_bytes("CT_small.dcm"))
     assert b.view is None and b.source is None
+
+
+def test_new_image_mid_answer_stops_it_and_keeps_rows_apart(services: Services) -> None:
+    session = services.session_for("page-6", None)
+    stream = session.ask("Count from 1 to 1000, separated by commas.", SamplingParams(max_new_tokens=500))
+    next(stream)
+    session.load(dicom_bytes("CT_small.dcm"))  # the running turn is stopped, a new conversation begins
+    list(stream)
+    assert session.turn_ids == [] and session.conversation is None
+    assert rows(services, "SELECT status, image_id FROM turns") == [("stopped", None)]
+
+
+def test_page_shows_frame_slider_and_window_only_where_they_apply(services: Services) -> None:
+    page = Page(services, max_upload_mb=10, concurrency=1)
+    page.build()
+    session = services.session_for("page-7", None)
+    session.load(dicom_bytes("rtdose.dcm"))
+    updates = page.view_updates(session)
+    assert updates[page.frame]["label"] == "Frame 8 / 15" and updates[page.frame]["visible"]
+    assert updates[page.window]["visible"] and ("Lung (-600/1500)", "lung") in updates[page.window]["choices"]
+    assert "high-resolution view:" in updates[page.sees] and "x native" in updates[page.sees]
+    assert len(updates[page.crops]) == session.view.plan.num_crops
+    session.load(Path(page.examples[2].path).read_bytes())  # the fundus photo
+    updates = page.view_updates(session)
+    assert not updates[page.frame]["visible"] and not updates[page.window]["visible"]

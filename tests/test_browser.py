@@ -1,8 +1,9 @@
 """The page in a real browser: Playwright driving Debian's Chromium (/usr/bin/chromium).
 
-Upload an extensionless DICOM carrying patient identifiers, see the grid overlay and the zoom
-ratio (and no identifier anywhere on the page), ask, watch the answer stream, press Stop.
-Screenshots go to test-artifacts/ for a human to look at.
+Upload a refused file (its message shows in place), then an extensionless DICOM carrying patient
+identifiers; see the grid overlay and the zoom ratio (and no identifier anywhere on the page);
+ask, watch the answer stream, press Stop; thumbs up; a window preset; the History tab; closing
+the page ends the session. Screenshots go to test-artifacts/ for a human to look at.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def answer_text(page) -> str:
 def test_upload_overlay_ask_stream_stop(page, served) -> None:
     server, workdir = served
     assert "not for diagnostic use" in page.locator("#header").inner_text().lower()
+    junk = workdir / "notes.txt"
+    junk.write_text("clinic notes, not an image\n" * 20)
+    page.locator("#upload input[type=file]").set_input_files(str(junk))
+    page.locator("#upload-message").get_by_text("neither a DICOM nor a supported photo").wait_for()
+    assert "Traceback" not in page.content()
     page.locator("#upload input[type=file]").set_input_files(str(phi_dicom(workdir)))
     page.get_by_text("high-resolution view:").wait_for()
     page.locator("#overlay img").wait_for()
