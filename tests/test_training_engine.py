@@ -174,3 +174,26 @@ def test_eval_command_with_a_model(random_model_dir, tmp_path, capsys):
     assert scores["benchmark"] == "vqa-rad" and scores["n"] == 2
     assert set(scores["metrics"]) >= {"closed_accuracy", "token_f1"}
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_assemble_llm_and_clip_into_a_stage1_start(tmp_path):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from training.assemble import assemble
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
+    llama3 = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": llama3})
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=56, patch_size=14)).save_pretrained(tmp_path / "clip")
+    out = assemble(str(tmp_path / "llm"), str(tmp_path / "clip"), tmp_path / "base")
+    model, processor = load_model(out, dtype=torch.float32)
+    assert model.config.prompt_format == "llama3-dragonfly" and processor.image_token == "<|reserved_special_token_0|>"
+    assert model.config.get_geometry().feature_grid == 4 and model.config.get_geometry().pooled_grid == 1
+    assert model.config.text_config.rope_scaling["rope_type"] == "llama3"  # kept, unlike the release
+    assert torch.equal(model.language_model.lm_head.weight, llm.lm_head.weight)

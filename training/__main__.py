@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "run": ("training.trainer", "train one recipe stage (also under `accelerate launch`)"),
     "show-recipe": ("training.recipe", "print a resolved recipe (--json for machines)"),
+    "assemble": ("training.assemble", "build general stage 1's start: Llama + CLIP + a new projector"),
     "convert": ("training.convert", "convert an official benchmark layout to LLaVA-style JSONL"),
     "dedup": ("training.dedup", "drop duplicate (image content, instruction) records"),
     "check": ("training.check", "report missing images, empty answers and over-long samples"),
