@@ -2,7 +2,6 @@
 modes (EXIF, grey, RGBA, palette, 16-bit), save/load, and speed against per-crop CLIP."""
 
 import io
-import statistics
 import time
 
 import numpy as np
@@ -199,19 +198,20 @@ def test_from_released_clip_config():
 # ------------------------------------------------------------------ speed
 
 
-def _median_time(fn, repeats: int) -> float:
+def _best_time(fn, repeats: int) -> float:
+    """Fastest of a few runs: the least disturbed by other jobs on a shared CPU."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 @pytest.mark.slow
 def test_faster_than_per_crop_clip(processor):
-    """A loose floor (the CPU is shared); `bench` measures the real ratio (>= 5x)."""
+    """A loose floor (the CPU is shared); `bench` measures and records the real ratios."""
     image = smooth_image(2000, 800)
-    ours = _median_time(lambda: processor(image), 5)
-    naive = _median_time(lambda: reference_crops(image, processor), 3)
+    ours = _best_time(lambda: processor(image), 5)
+    naive = _best_time(lambda: reference_crops(image, processor), 3)
     assert naive / ours > 2.0, (naive, ours)
