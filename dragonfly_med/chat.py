@@ -14,7 +14,6 @@ Why the pieces are shaped this way:
 
 from __future__ import annotations
 
-import copy
 import queue
 import threading
 import time
@@ -279,7 +278,10 @@ class Conversation:
         )
         result: dict[str, Any] = {}
         worker = threading.Thread(
-            target=_run_generate, args=(model, kwargs, result, streamer), daemon=True
+            target=_run_generate,
+            args=(model, kwargs, result, streamer),
+            name=WORKER_NAME,
+            daemon=True,
         )
         worker.start()
         text, finished = "", False
@@ -350,8 +352,3 @@ def _run_generate(model: Any, kwargs: dict, result: dict, streamer: TextIterator
     except Exception as err:  # handed to the consumer as status "error"
         result["error"] = f"{type(err).__name__}: {err}"
         streamer.end()
-
-
-def copy_cache(cache: DynamicCache) -> DynamicCache:
-    """A deep copy of a cache, for callers that branch a conversation."""
-    return copy.deepcopy(cache)

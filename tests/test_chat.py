@@ -116,6 +116,8 @@ def test_stop_event_really_stops_the_worker(engine, image):
     chunks = []
     for text in conv.stream("Talk for a long time.", SamplingParams(max_new_tokens=2000), stop):
         chunks.append(text)
+        if len(chunks) == 1:
+            assert not no_worker_alive()  # the check below is not vacuous
         if len(chunks) == 3:
             stop.set()
     assert conv.last_stats.status == "stopped"
