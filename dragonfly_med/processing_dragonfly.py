@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,7 +84,6 @@ class EncodedSample:
     labels: list[int]
     image_span: tuple[int, int] = (0, 0)  # [start, end) of the image block in input_ids
     truncated: bool = False
-    text_pieces: list[str] = field(default_factory=list, repr=False)
 
 
 class DragonflyProcessor(ProcessorMixin):
