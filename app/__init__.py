@@ -1,0 +1,1 @@
+"""Dragonfly-Med Studio, the clinician's app: page (ui), per-page sessions, session log, login, overlay."""

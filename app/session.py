@@ -116,18 +116,19 @@ class UserSession:
         self.source, self.window, self.frame = source, window, loaded.facts.frame_index
         return self._show(loaded)
 
-    def redisplay(self, window: str | tuple[float, float] | None, frame: int | None) -> ImageView:
+    def redisplay(self, window: str | tuple[float, float] | None, frame: int | None) -> bool:
         """Same file, other window or frame: new pixels, so a new conversation too.
 
-        A repeat of the current choice changes nothing (a dropdown may report one choice twice,
-        in two concurrent events: the lock makes the second see the first's result).
+        Returns False, changing nothing, for a repeat of the current choice: widgets report one
+        choice more than once, in concurrent events; the lock makes the later see the earlier.
         """
         if self.source is None:
             raise LookupError("no image loaded")
         with self.image_lock:
             if (window, frame) == (self.window, self.frame):
-                return self.view
-            return self.load(self.source, window, frame)
+                return False
+            self.load(self.source, window, frame)
+            return True
 
     def _show(self, loaded: LoadedImage) -> ImageView:
         plan, crops = self.services.engine.preview(loaded.image)

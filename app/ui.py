@@ -18,7 +18,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from app.examples import Example, find_examples, thumbnail
-from app.overlay import LEGEND
+from app.overlay import LEGEND, display_copy
 from app.session import NO_IMAGE_HINT, ImageView, Services, UserSession, read_upload
 from dragonfly_med.chat import SamplingParams
 from dragonfly_med.ingest import WINDOW_PRESETS, IngestError, load_image
@@ -115,7 +115,7 @@ class Page:
         greyscale = is_greyscale_dicom(view)
         return {
             self.upload_msg: message, self.upload: None,
-            self.image: view.loaded.image, self.facts: facts_markdown(view),
+            self.image: display_copy(view.loaded.image), self.facts: facts_markdown(view),
             self.window: gr.update(choices=window_choices(view), value=window, visible=greyscale),
             self.centre: gr.update(value=(facts.window or {}).get("center"), visible=greyscale),
             self.width: gr.update(value=(facts.window or {}).get("width"), visible=greyscale),
@@ -124,7 +124,7 @@ class Page:
                                   label=f"Frame {facts.frame_index + 1} / {facts.frames}", visible=facts.frames > 1),
             self.overlay: view.overlay, self.sees: sees_markdown(view),
             self.crops: [(crop, f"{i} {c.level}") for i, (crop, c) in enumerate(zip(view.crops, view.plan.crops, strict=True))],
-            self.chatbot: [], self.state: session,
+            self.chatbot: [], self.suggestions: gr.update(choices=[], value=None, visible=False), self.state: session,
         }
 
     # ------------------------------------------------------------------ image handlers
@@ -145,7 +145,8 @@ class Page:
         if session.view is None:
             return {self.state: session}
         try:
-            session.redisplay(window_request(choice, centre, width), session.frame)
+            if not session.redisplay(window_request(choice, centre, width), session.frame):
+                return {self.state: session}
         except IngestError as exc:
             return {self.upload_msg: f"⚠️ {exc}", self.state: session}
         return self.view_updates(session, "Window changed: new conversation about the new pixels.")
@@ -155,7 +156,8 @@ class Page:
         if session.view is None:
             return {self.state: session}
         try:
-            session.redisplay(session.window, int(frame) - 1)
+            if not session.redisplay(session.window, int(frame) - 1):
+                return {self.state: session}
         except IngestError as exc:
             return {self.upload_msg: f"⚠️ {exc}", self.state: session}
         return self.view_updates(session, "Frame changed: new conversation about the new pixels.")
@@ -283,7 +285,7 @@ class Page:
             self.upload = gr.File(label=f"Image: click or drop a DICOM (any or no extension) or photo, ≤ {self.max_upload_mb} MB",
                                   file_count="single", type="filepath", elem_id="upload")
             self.upload_msg = gr.Markdown(NO_IMAGE_HINT, elem_id="upload-message")
-            self.image = gr.Image(label="Image", type="pil", format="png", interactive=False, elem_id="image")
+            self.image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320, elem_id="image")
             with gr.Row():
                 self.window = gr.Dropdown(label="Window", choices=[("File default", FILE_DEFAULT)], value=FILE_DEFAULT,
                                           visible=False, elem_id="window")
@@ -341,12 +343,13 @@ class Page:
     def _wire(self) -> None:
         hidden = {"api_visibility": "undocumented"}
         view_outputs = [self.upload_msg, self.upload, self.image, self.facts, self.window, self.centre, self.width,
-                        self.apply, self.frame, self.overlay, self.sees, self.crops, self.chatbot, self.state]
+                        self.apply, self.frame, self.overlay, self.sees, self.crops, self.chatbot, self.suggestions, self.state]
         self.upload.upload(self.on_upload, [self.upload, self.state], view_outputs, **hidden)
         self.window.input(self.on_window, [self.window, self.centre, self.width, self.state], view_outputs, **hidden)
         self.apply.click(self.on_window, [self.window, self.centre, self.width, self.state], view_outputs, **hidden)
-        self.frame.release(self.on_frame, [self.frame, self.state], view_outputs, **hidden)
-        self.gallery.select(self.on_example, [self.state], [*view_outputs, self.suggestions], **hidden)
+        # dragging reports every step: only the latest pending frame is decoded
+        self.frame.input(self.on_frame, [self.frame, self.state], view_outputs, trigger_mode="always_last", **hidden)
+        self.gallery.select(self.on_example, [self.state], view_outputs, **hidden)
         self.suggestions.input(lambda q: q, [self.suggestions], [self.message], **hidden)
 
         sampling = [self.temperature, self.top_p, self.max_new_tokens]

@@ -68,7 +68,8 @@ def test_window_and_frame_changes_start_new_conversations(services: Services) ->
     frames = view.loaded.facts.frames
     assert frames == 15 and view.loaded.facts.frame_index == frames // 2
     list(session.ask("Hello?", QUICK))
-    session.redisplay((1_000_000.0, 3_000_000.0), session.frame)
+    assert not session.redisplay(session.window, session.frame)  # a repeated choice changes nothing
+    assert session.redisplay((1_000_000.0, 3_000_000.0), session.frame)
     assert session.view.loaded.facts.window["source"] == "custom" and session.conversation is None
     session.redisplay(session.window, 0)
     assert session.view.loaded.facts.frame_index == 0 and session.window == (1_000_000.0, 3_000_000.0)

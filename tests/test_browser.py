@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from app_server import ROOT, phi_dicom, phi_leaks, start_server
+from pydicom.data import get_testdata_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -114,3 +115,19 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.25)
+
+
+def test_examples_suggestions_and_frame_slider(page, served) -> None:
+    page.locator("#examples img").nth(1).click()  # MR_small
+    page.get_by_text("Example loaded").wait_for()
+    page.get_by_text("Which plane is this slice in?").click()
+    sync_api.expect(page.locator("#question textarea")).to_have_value("Which plane is this slice in?")
+    page.locator("#upload input[type=file]").set_input_files(get_testdata_files("rtdose.dcm")[0])
+    page.locator("#frame").get_by_text("Frame 8 / 15").wait_for()
+    frame = page.locator("#frame input[type=number]")
+    frame.fill("3")
+    frame.press("Enter")
+    page.get_by_text("Frame changed").wait_for()
+    page.locator("#frame").get_by_text("Frame 3 / 15").wait_for()
+    sync_api.expect(page.locator("#facts")).to_contain_text("3 / 15")
+    page.screenshot(path=str(ARTIFACTS / "browser-5-frames.png"), full_page=True)
