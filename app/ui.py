@@ -72,16 +72,6 @@ def window_choices(view: ImageView) -> list[tuple[str, str]]:
     return choices + [("Min–max", MINMAX), ("Custom centre/width", CUSTOM)]
 
 
-def window_request(choice: str | None, centre: float | None, width: float | None) -> str | tuple[float, float] | None:
-    if choice in (None, FILE_DEFAULT):
-        return None
-    if choice == CUSTOM:
-        if centre is None or width is None:
-            raise IngestError("Enter both a centre and a width for a custom window, e.g. 40 and 400")
-        return (float(centre), float(width))
-    return choice
-
-
 def is_greyscale_dicom(view: ImageView) -> bool:
     facts = view.loaded.facts
     return facts.kind == "dicom" and str(facts.photometric or "").upper().startswith("MONOCHROME")
@@ -96,7 +86,7 @@ class Page:
     def __init__(self, services: Services, max_upload_mb: int, concurrency: int):
         self.services = services
         self.max_upload_mb = max_upload_mb
-        self.concurrency = concurrency  # generations the shared model runs at once
+        self.concurrency = concurrency  # events of the model group running at once (the engine then serialises)
         self.examples: list[Example] = find_examples()
 
     # ------------------------------------------------------------------ helpers
@@ -140,27 +130,33 @@ class Page:
             return {self.upload_msg: f"⚠️ {exc}", self.upload: None, self.state: session}
         return self.view_updates(session, "Image loaded: new conversation.")
 
-    def on_window(self, choice: str, centre: float | None, width: float | None, state: UserSession | None, request: gr.Request) -> dict:
+    def on_window(self, choice: str, state: UserSession | None, request: gr.Request) -> dict:
+        """A window from the dropdown; "Custom" waits for the Apply button and its numbers."""
         session = self.session(state, request)
-        if session.view is None:
+        if choice == CUSTOM:
             return {self.state: session}
-        try:
-            if not session.redisplay(window_request(choice, centre, width), session.frame):
-                return {self.state: session}
-        except IngestError as exc:
-            return {self.upload_msg: f"⚠️ {exc}", self.state: session}
-        return self.view_updates(session, "Window changed: new conversation about the new pixels.")
+        return self._redisplay(session, None if choice == FILE_DEFAULT else choice, session.frame, "Window")
+
+    def on_custom_window(self, centre: float | None, width: float | None, state: UserSession | None, request: gr.Request) -> dict:
+        session = self.session(state, request)
+        if centre is None or width is None:
+            return {self.upload_msg: "⚠️ Enter both a centre and a width, e.g. 40 and 400.", self.state: session}
+        return self._redisplay(session, (float(centre), float(width)), session.frame, "Window")
 
     def on_frame(self, frame: float, state: UserSession | None, request: gr.Request) -> dict:
         session = self.session(state, request)
+        return self._redisplay(session, session.window, int(frame) - 1, "Frame")
+
+    def _redisplay(self, session: UserSession, window, frame: int | None, what: str) -> dict:
+        """Re-decode the session's file; only the state comes back when nothing changed."""
         if session.view is None:
             return {self.state: session}
         try:
-            if not session.redisplay(session.window, int(frame) - 1):
+            if not session.redisplay(window, frame):
                 return {self.state: session}
         except IngestError as exc:
             return {self.upload_msg: f"⚠️ {exc}", self.state: session}
-        return self.view_updates(session, "Frame changed: new conversation about the new pixels.")
+        return self.view_updates(session, f"{what} changed: new conversation about the new pixels.")
 
     def on_example(self, state: UserSession | None, evt: gr.SelectData, request: gr.Request) -> dict:
         session = self.session(state, request)
@@ -289,9 +285,9 @@ class Page:
             with gr.Row():
                 self.window = gr.Dropdown(label="Window", choices=[("File default", FILE_DEFAULT)], value=FILE_DEFAULT,
                                           visible=False, elem_id="window")
-                self.centre = gr.Number(label="Centre", visible=False, min_width=80)
-                self.width = gr.Number(label="Width", visible=False, min_width=80)
-                self.apply = gr.Button("Apply", visible=False, size="sm")
+                self.centre = gr.Number(label="Centre", visible=False, min_width=80, elem_id="centre")
+                self.width = gr.Number(label="Width", visible=False, min_width=80, elem_id="width")
+                self.apply = gr.Button("Apply centre/width", visible=False, size="sm", elem_id="apply")
             self.frame = gr.Slider(1, 2, step=1, value=1, label="Frame", visible=False, elem_id="frame")
             self.facts = gr.Markdown(elem_id="facts")
             self.gallery = gr.Gallery(value=[(thumbnail(load_image(e.path).image), e.title) for e in self.examples],
@@ -345,8 +341,8 @@ class Page:
         view_outputs = [self.upload_msg, self.upload, self.image, self.facts, self.window, self.centre, self.width,
                         self.apply, self.frame, self.overlay, self.sees, self.crops, self.chatbot, self.suggestions, self.state]
         self.upload.upload(self.on_upload, [self.upload, self.state], view_outputs, **hidden)
-        self.window.input(self.on_window, [self.window, self.centre, self.width, self.state], view_outputs, **hidden)
-        self.apply.click(self.on_window, [self.window, self.centre, self.width, self.state], view_outputs, **hidden)
+        self.window.input(self.on_window, [self.window, self.state], view_outputs, **hidden)
+        self.apply.click(self.on_custom_window, [self.centre, self.width, self.state], view_outputs, **hidden)
         # dragging reports every step: only the latest pending frame is decoded
         self.frame.input(self.on_frame, [self.frame, self.state], view_outputs, trigger_mode="always_last", **hidden)
         self.gallery.select(self.on_example, [self.state], view_outputs, **hidden)

@@ -94,7 +94,12 @@ def test_upload_overlay_ask_stream_stop(page, served) -> None:
     page.get_by_text("Window changed").wait_for()
     assert "preset:lung" in page.locator("#facts").inner_text()
     assert page.locator("#chat .bot").count() == 0  # new pixels, new conversation
-    assert db(workdir, "SELECT json_extract(window, '$.source') FROM images") == [("minmax",), ("preset:lung",)]
+    page.locator("#centre input").fill("40")
+    page.locator("#width input").fill("400")
+    page.locator("#apply").click()
+    sync_api.expect(page.locator("#facts")).to_contain_text("centre 40, width 400 (custom)")
+    sources = db(workdir, "SELECT json_extract(window, '$.source') FROM images")
+    assert sources == [("minmax",), ("preset:lung",), ("custom",)]
     page.get_by_role("tab", name="History").click()
     page.locator("#history-table").get_by_text("CT 128×128").last.wait_for()
     page.screenshot(path=str(ARTIFACTS / "browser-4-history.png"), full_page=True)
