@@ -59,7 +59,8 @@ def apply_tune(model: nn.Module, tune: Tune) -> dict[str, int]:
         part.requires_grad_(trainable)
         if not trainable:
             part.eval()
-        counts[name] = sum(p.numel() for p in part.parameters()) if trainable else 0
+        # ZeRO-3 partitions parameters while loading: ds_numel is the full size
+        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in part.parameters()) if trainable else 0
     return counts
 
 
@@ -196,6 +197,21 @@ def resolve_init(recipe: Recipe) -> str:
     return init
 
 
+def load_for_training(name: str):
+    """(model, processor) like `load_model`, but in fp32 on the CPU and without a device map:
+    `accelerator.prepare` places it (each process on its own GPU), and ZeRO-3 refuses device maps."""
+    from dragonfly_med.loading import load_processor, resolve_model_dir
+    from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
+    from dragonfly_med.released import is_released_layout, load_released
+
+    directory = resolve_model_dir(name)
+    if is_released_layout(directory):
+        model = load_released(directory, dtype=torch.float32)
+    else:
+        model = DragonflyForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    return model, load_processor(directory, model.config)
+
+
 def mixed_precision(recipe: Recipe) -> str:
     """bf16 where the hardware supports it ("auto"): CUDA with bf16; fp32 on CPU."""
     if recipe.mixed_precision != "auto":
@@ -263,8 +279,6 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    from dragonfly_med.loading import load_model
-
     paths = RunPaths(Path(output) if output else recipe.run_dir)
     accelerator = Accelerator(mixed_precision=mixed_precision(recipe), gradient_accumulation_steps=1)
     accum = accumulation_steps(recipe, accelerator.num_processes)
@@ -279,13 +293,13 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     total_steps = min(len(mixture.steps), recipe.max_steps or len(mixture.steps))
 
     init = resolve_init(recipe)
-    model, processor = load_model(init, dtype=torch.float32, device_map={"": str(accelerator.device)})
+    model, processor = load_for_training(init)
     trainable = apply_tune(model, recipe.tune)
     if recipe.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.learning_rate, betas=recipe.adam_betas)
-    scheduler = make_scheduler(recipe, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = make_scheduler(recipe, optimizer, total_steps)  # on ZeRO-3's regrouped parameters
     accelerator.register_for_checkpointing(scheduler)
 
     start_step = 0
