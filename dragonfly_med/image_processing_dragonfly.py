@@ -154,6 +154,17 @@ class DragonflyImageProcessor(BaseImageProcessor):
         }
 
     @classmethod
+    def from_dict(
+        cls, image_processor_dict: dict[str, Any], **kwargs: Any
+    ) -> DragonflyImageProcessor:
+        """Our saved config, or a plain CLIP one (a released checkpoint's), which then takes the
+        geometry from `geometry=` (default: the released one)."""
+        if image_processor_dict.get("image_processor_type", cls.__name__) != cls.__name__:
+            geometry = kwargs.pop("geometry", None) or cls().geometry_obj
+            return cls.from_clip_config(image_processor_dict, geometry)
+        return super().from_dict(image_processor_dict, **kwargs)
+
+    @classmethod
     def from_clip_config(
         cls, config: dict | str | os.PathLike, geometry: Geometry | dict
     ) -> DragonflyImageProcessor:

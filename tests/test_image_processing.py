@@ -2,6 +2,7 @@
 modes (EXIF, grey, RGBA, palette, 16-bit), save/load, and speed against per-crop CLIP."""
 
 import io
+import json
 import time
 
 import numpy as np
@@ -185,12 +186,14 @@ def test_save_load_round_trip(tmp_path, processor):
     assert torch.equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
 
 
-def test_from_released_clip_config():
+def test_from_released_clip_config(tmp_path):
     clip_config = {"crop_size": {"height": 336, "width": 336}, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
                    "do_center_crop": True, "resample": 3, "rescale_factor": 1 / 255,
                    "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 336}}  # fmt: skip
     proc = DragonflyImageProcessor.from_clip_config(clip_config, RELEASED)
     assert proc.image_mean == list(CLIP_MEAN) and proc.geometry_obj == RELEASED
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(clip_config))
+    assert DragonflyImageProcessor.from_pretrained(tmp_path).to_dict() == proc.to_dict()
     with pytest.raises(ValueError, match="crop size"):
         DragonflyImageProcessor.from_clip_config({**clip_config, "crop_size": 224}, RELEASED)
 
