@@ -193,3 +193,25 @@ def test_dedup_and_check_commands(tmp_path, capsys):
     assert main(["check", "--data", str(data), "--image-root", str(tmp_path), "--no-lengths"]) == 1
     report = json.loads(capsys.readouterr().out)["datasets"][str(data)]
     assert report["missing_images"] == ["3"] and report["empty_answers"] == ["3"]
+
+
+def test_zoom_stats_by_hand_and_command(tmp_path, capsys):
+    from dragonfly_med.configuration_dragonfly import named_geometry
+    from training.zoom_stats import quantile, summarize, zoom_ratios
+
+    released = named_geometry("dragonfly-med-v2")
+    # 640x480 -> high 6x6 of 336 px: 2016 / 640 = 3.15; 2000x800 -> 12x3: 4032 / 2000 = 2.016;
+    # 600x3000 -> 3x12: 4032 / 3000 = 1.344; 8000x8000 -> 2016 / 8000 = 0.252 (not magnified)
+    zooms = zoom_ratios([(640, 480), (2000, 800), (600, 3000), (8000, 8000)], released)
+    assert zooms == pytest.approx([0.252, 1.344, 2.016, 3.15])
+    summary = summarize(zooms)
+    assert summary["share_percent"] == {"> 1x": 75.0, ">= 2x": 50.0, ">= 4x": 0.0}
+    assert quantile(zooms, 0.5) == pytest.approx((1.344 + 2.016) / 2)
+    rows = [{"id": str(i), "image": image(tmp_path / f"{i}.png", size).name,
+             "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+            for i, size in enumerate([(640, 480), (2000, 800)])]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    png = tmp_path / "cdf.png"
+    assert main(["zoom-stats", "--data", str(tmp_path / "d.json"), "--image-root", str(tmp_path), "--output", str(png), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_images"] == 2 and out["share_percent"][">= 2x"] == 100.0 and png.stat().st_size > 0

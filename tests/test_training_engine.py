@@ -125,7 +125,7 @@ def run(recipe_name, init, out, *overrides, resume=None):
 
 def test_run_writes_metrics_plot_and_a_loadable_model(random_model_dir, tmp_path):
     summary = run("tiny-general-stage1", random_model_dir, tmp_path / "run", "max_steps=2")
-    assert summary["steps"] == 2 and set(summary["losses"]) == {1, 2}
+    assert summary["steps"] == 2 and set(summary["losses"]) == {1, 2} and summary["truncated_samples"] == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0

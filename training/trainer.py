@@ -322,7 +322,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     data = MicroBatches(mixture, processor, recipe, accelerator.process_index, accelerator.num_processes, start_step, total_steps)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=recipe.num_workers)
     progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc=recipe.name)
-    micro_losses, truncated, started = [], 0, time.time()
+    micro_losses, truncated, total_truncated, started = [], 0, 0, time.time()
     losses: dict[int, float] = {}
     for index, batch in enumerate(loader):
         step = start_step + index // accum
@@ -343,7 +343,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
         scheduler.step()
         step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
         step_truncated = int(accelerator.reduce(torch.tensor(truncated, device=accelerator.device), reduction="sum").item())
-        micro_losses, truncated = [], 0
+        micro_losses, truncated, total_truncated = [], 0, total_truncated + step_truncated
         losses[step + 1] = step_loss
         row = {
             "step": step + 1,
@@ -370,6 +370,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
         "recipe": recipe.name,
         "steps": total_steps,
         "resumed_from": start_step,
+        "truncated_samples": total_truncated,
         "trainable_parameters": trainable,
         "losses": losses,
         "final": str(paths.final),
