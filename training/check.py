@@ -1,7 +1,8 @@
 """Check a recipe's data (or record files) before a run: what would fail or silently mislead.
 
-Reports, per dataset: missing or unreadable images, samples with an empty answer, malformed
-records, and samples longer than max_seq_length (which the trainer would truncate). Lengths are
+Reports, per dataset: missing or unreadable images, samples with an empty answer, and samples
+longer than max_seq_length (which the trainer would truncate); a malformed record (turns that
+do not alternate human/gpt) stops the check with its reader's message. Lengths are
 exact and cheap: the processor builds each sample's token ids with the image block that the
 model's geometry plans for the image's size (read from its header; no pixels are decoded).
 Exit status 1 when anything is found, so a launch script can stop before spending GPU hours.

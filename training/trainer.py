@@ -190,8 +190,7 @@ def resolve_init(recipe: Recipe) -> str:
     """`init_from`, or `init_fallback` when init_from is a path that does not exist yet (the
     tiny recipes start from the tiny default on a fresh clone)."""
     init = recipe.init_from
-    looks_like_path = "/" in init and not Path(init).exists() and init.count("/") != 1
-    if (looks_like_path or (init.startswith("runs/") and not Path(init).exists())) and recipe.init_fallback:
+    if recipe.init_fallback and not Path(init).exists():
         print(f"[training] {init} does not exist yet: starting from {recipe.init_fallback} (init_fallback)")
         return recipe.init_fallback
     return init
