@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import warnings
 
@@ -42,6 +43,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def port_error(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be served, checked before the slow model load; None if it can."""
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -55,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from dragonfly_med.chat import ChatEngine
     from dragonfly_med.ingest import IngestLimits, MiB
 
+    if (why := port_error(args.host, args.port)) is not None:
+        return fail(f"cannot serve on {args.host}:{args.port}: {why} (choose another --port)")
     try:
         auth = checker(args.auth_file) if args.auth_file else None
     except (OSError, ValueError) as exc:

@@ -5,6 +5,7 @@ One server (with login) serves most tests; the crash test runs its own, which it
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -172,3 +173,14 @@ def test_model_that_fails_to_load_stops_start_up(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: model")
+
+
+def test_busy_port_stops_start_up_before_loading_the_model(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "app.py", "--port", str(port), "--db", str(tmp_path / "x.sqlite")],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode != 0 and "loading model" not in result.stdout
+    assert result.stderr.strip() == f"error: cannot serve on 127.0.0.1:{port}: Address already in use (choose another --port)"
