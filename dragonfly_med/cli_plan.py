@@ -28,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def geometry_for(model: str) -> Geometry:
     """The geometry of a model name or directory, without building the model."""
     from .configuration_dragonfly import named_geometry
+    from .loading import HUB_ALIASES
 
     path = Path(model).expanduser()
     if not path.is_dir():
-        return named_geometry(model)
+        released_ids = {hub_id: name for name, hub_id in HUB_ALIASES.items()}
+        return named_geometry(released_ids.get(model, model))
     raw = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     if raw.get("geometry"):
         return Geometry.from_dict(raw["geometry"])

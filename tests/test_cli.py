@@ -32,6 +32,11 @@ def test_plan_released_geometry_json(capsys):
     assert data["zoom"] == pytest.approx(12 * 336 / 2000, abs=1e-3)
 
 
+def test_plan_accepts_the_released_hub_id(capsys):
+    code, out, _ = run_cli(capsys, "plan", "640x480", "--model", "togethercomputer/Llama-3.1-8B-Dragonfly-Med-v2", "--json")
+    assert code == 0 and json.loads(out)["image_positions"] == 2098
+
+
 def test_plan_tiny_is_default_and_human_readable(capsys):
     code, out, _ = run_cli(capsys, "plan", "1024x1024")
     assert code == 0
