@@ -49,6 +49,8 @@ def to_rgb(image: ImageLike) -> Image.Image:
     must not turn black); 16-bit data is scaled by its full range rather than clipped at 255
     (PIL's own `convert("L")` clips a 16-bit scan to near white).
     """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         return to_rgb(_array_to_pil(image))
     image = ImageOps.exif_transpose(image)

@@ -172,6 +172,7 @@ def test_float_and_channels_first_arrays():
     floats = np.full((3, 8, 8), 0.5, dtype=np.float32)  # channels first, [0, 1]
     rgb = np.asarray(to_rgb(floats))
     assert rgb.shape == (8, 8, 3) and (rgb == 128).all()
+    assert np.array_equal(np.asarray(to_rgb(torch.from_numpy(floats))), rgb)
 
 
 # ------------------------------------------------------------------ save / load
