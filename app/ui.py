@@ -88,6 +88,9 @@ class Page:
         self.max_upload_mb = max_upload_mb
         self.concurrency = concurrency  # events of the model group running at once (the engine then serialises)
         self.examples: list[Example] = find_examples()
+        # JSON exports for download; Gradio copies them into its (cleaned) cache, this folder
+        # itself goes when the process ends
+        self.exports = tempfile.TemporaryDirectory(prefix="dragonfly-exports-")
 
     # ------------------------------------------------------------------ helpers
 
@@ -217,6 +220,8 @@ class Page:
     def api_load_image(self, path: str, state: UserSession | None, request: gr.Request) -> tuple[dict, UserSession]:
         """`/load_image`: a file -> its de-identified facts and crop plan (refusals raise gr.Error)."""
         session = self.session(state, request)
+        if not path:
+            raise gr.Error("Send a file: a DICOM (any or no extension) or a photo.", print_exception=False)
         try:
             view = session.load(read_upload(path, delete=is_upload(path)))
         except IngestError as exc:
@@ -227,6 +232,8 @@ class Page:
                  state: UserSession | None, request: gr.Request):
         """`/send`: a message -> the answer so far, streamed; about the image loaded last, if any."""
         session = self.session(state, request)
+        if not message or not message.strip():
+            raise gr.Error("Send a non-empty message.", print_exception=False)
         with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens))) as stream:
             for answer in stream:
                 yield answer, session
@@ -252,7 +259,7 @@ class Page:
             chat += [{"role": "user", "content": turn["question"]},
                      {"role": "assistant", "content": f"{turn['answer']}\n\n<small>{turn['status']}</small>"}]
         text = json.dumps(data, indent=2)
-        path = Path(tempfile.mkdtemp(prefix="dragonfly-export-")) / f"session-{session_id}.json"
+        path = Path(self.exports.name) / f"session-{session_id}.json"
         path.write_text(text)
         return chat, str(path), text
 

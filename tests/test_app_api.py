@@ -93,6 +93,8 @@ def test_refused_file_gives_the_ingestion_message(server: Server, workdir: Path)
     junk.write_bytes(b"these are clinic notes, not an image\n" * 20)
     with pytest.raises(Exception, match="neither a DICOM nor a supported photo"):
         client(server).predict(handle_file(junk), api_name="/load_image")
+    with pytest.raises(Exception, match="non-empty message"):
+        client(server).predict("  ", api_name="/send")
     assert "Traceback" not in server.output()
 
 
