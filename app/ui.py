@@ -179,6 +179,7 @@ class Page:
             yield history, "", session
             return
         history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        yield history, "", session  # the question shows at once, even if the answer is empty
         with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens))) as stream:
             for answer in stream:
                 history[-1] = {"role": "assistant", "content": answer}
@@ -234,9 +235,12 @@ class Page:
         session = self.session(state, request)
         if not message or not message.strip():
             raise gr.Error("Send a non-empty message.", print_exception=False)
+        answer = ""
         with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens))) as stream:
             for answer in stream:
                 yield answer, session
+        if not answer:  # the model ended at once: clients still get one (empty) answer
+            yield answer, session
 
     # ------------------------------------------------------------------ history tab
 
