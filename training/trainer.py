@@ -326,6 +326,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     for index, batch in enumerate(loader):
         step = start_step + index // accum
         truncated += batch.pop("num_truncated")
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}  # the loader is not prepared
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 loss = answer_loss(model, batch)
