@@ -136,7 +136,9 @@ class DragonflyProcessor(ProcessorMixin):
     @property
     def pad_token_id(self) -> int:
         tok = self.tokenizer
-        right_pad = tok.convert_tokens_to_ids("<|finetune_right_pad_id|>")  # Llama 3.1 has no pad token
+        right_pad = tok.convert_tokens_to_ids(
+            "<|finetune_right_pad_id|>"
+        )  # Llama 3.1 has no pad token
         right_pad = None if right_pad == tok.unk_token_id else right_pad
         for candidate in (tok.pad_token_id, right_pad, tok.eos_token_id):
             if candidate is not None:
@@ -422,3 +424,18 @@ def _as_image_list(images: Any, n_samples: int) -> list[Any]:
             f"got {len(images)} images for {n_samples} samples (use None for text-only samples)"
         )
     return list(images)
+
+
+def _register_auto_classes() -> None:
+    """Let `AutoProcessor` / `AutoImageProcessor.from_pretrained(dir)` find our classes."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from .configuration_dragonfly import DragonflyConfig
+
+    AutoImageProcessor.register(
+        DragonflyConfig, image_processor_classes={"pil": DragonflyImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(DragonflyConfig, DragonflyProcessor, exist_ok=True)
+
+
+_register_auto_classes()

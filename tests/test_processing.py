@@ -7,6 +7,7 @@ import pytest
 import torch
 from dragonfly_test_assets import llama3_tokenizer, smollm2_tokenizer
 from PIL import Image
+from transformers import AutoProcessor
 
 from dragonfly_med.configuration_dragonfly import named_geometry
 from dragonfly_med.image_processing_dragonfly import DragonflyImageProcessor
@@ -157,6 +158,8 @@ def test_save_load_round_trip(tmp_path, chatml_processor):
     assert loaded.prompt_format == "chatml"
     assert (loaded.image_token_id, loaded.separator_token_id) == (chatml_processor.image_token_id, chatml_processor.separator_token_id)
     assert loaded.image_processor.to_dict() == chatml_processor.image_processor.to_dict()
+    auto = AutoProcessor.from_pretrained(tmp_path)  # registered: transformers' entry point works too
+    assert isinstance(auto, DragonflyProcessor) and auto.prompt_format == "chatml"
     image = photo(500, 300)
     a, b = loaded(image, text="Hi?"), chatml_processor(image, text="Hi?")
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
