@@ -178,12 +178,16 @@ class Page:
         if not message or not message.strip():
             yield history, "", session
             return
+        # Shown with the first token (or the empty answer), i.e. once the turn exists: every
+        # answer on the page then has its row in the log, which thumbs up/down rely on.
         history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        yield history, "", session  # the question shows at once, even if the answer is empty
+        shown = False
         with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens))) as stream:
             for answer in stream:
-                history[-1] = {"role": "assistant", "content": answer}
+                history[-1], shown = {"role": "assistant", "content": answer}, True
                 yield history, "", session
+        if not shown:
+            yield history, "", session
 
     def regenerate(self, history: list, temperature: float, top_p: float, max_new_tokens: int,
                    state: UserSession | None, request: gr.Request):
