@@ -153,11 +153,13 @@ def test_resume_reproduces_the_uninterrupted_run(random_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_default_trains_two_steps_and_loads(tmp_path):
+def test_tiny_default_trains_two_steps_and_loads(tmp_path, capsys):
+    from training.__main__ import main
+
     out = tmp_path / "tiny-run"
-    summary = train(load_recipe("tiny-general-stage1", ["max_steps=2", "global_batch_size=1"]), out)
-    assert summary["steps"] == 2
-    model, processor = load_model(out / "final")
+    assert main(["run", "--recipe", "tiny-general-stage1", "--max-steps", "2", "--output", str(out), "global_batch_size=1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+    model, processor = load_model(out / "final")  # what `--model DIR/final` loads
     assert model.config.prompt_format == "chatml" and processor.image_token_id == model.config.image_token_id
 
 
