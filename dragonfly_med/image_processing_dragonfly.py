@@ -31,7 +31,7 @@ LITE0_MEAN = (127 / 255, 127 / 255, 127 / 255)
 LITE0_STD = (128 / 255, 128 / 255, 128 / 255)
 NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "efficientnet-lite0": (LITE0_MEAN, LITE0_STD)}
 
-ImageLike = Image.Image | np.ndarray
+ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 
 def normalization_for(vision_config: Any) -> dict[str, tuple[float, ...]]:
@@ -79,9 +79,9 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         elif array.dtype.itemsize > 1:
             array = array.astype(np.float64) / 257.0  # 0..65535 -> 0..255
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    if array.ndim == 2:
-        return Image.fromarray(array, mode="L")
-    return Image.fromarray(array, mode={3: "RGB", 4: "RGBA"}[array.shape[-1]])
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"cannot read an image array of shape {array.shape}")
+    return Image.fromarray(array)  # uint8: L, RGB or RGBA by shape
 
 
 @dataclass
@@ -279,7 +279,7 @@ class DragonflyImageProcessor(BaseImageProcessor):
             for row in range(canvas.rows):
                 for col in range(canvas.cols):
                     pixels = np.ascontiguousarray(tiles[row, col].transpose(1, 2, 0))
-                    crops.append(Image.fromarray(pixels, mode="RGB"))
+                    crops.append(Image.fromarray(pixels))
         return plan, crops
 
 
