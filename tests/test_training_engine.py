@@ -199,3 +199,16 @@ def test_assemble_llm_and_clip_into_a_stage1_start(tmp_path):
     assert model.config.get_geometry().feature_grid == 4 and model.config.get_geometry().pooled_grid == 1
     assert model.config.text_config.rope_scaling["rope_type"] == "llama3"  # kept, unlike the release
     assert torch.equal(model.language_model.lm_head.weight, llm.lm_head.weight)
+
+
+def test_check_measures_exact_lengths(random_model_dir):
+    from training.check import check_records, sample_length
+
+    _, processor = load_model(random_model_dir, dtype=torch.float32)
+    records = build_mixture(load_recipe("tiny-med-stage3")).datasets[0][:3]
+    lengths = [sample_length(processor, r, Image.open(r.image).size) for r in records]
+    encoded = [processor(images=[Image.open(r.image)], conversation=[r.turns], return_labels=True)["input_ids"].shape[1] for r in records]
+    assert lengths == encoded  # header sizes + the plan give the processor's exact length
+    report = check_records(records, processor, max_seq_length=min(lengths))
+    assert report.max_length == max(lengths)
+    assert report.counts["over_long"] == sum(n > min(lengths) for n in lengths) and report.counts["missing_images"] == 0
