@@ -7,7 +7,8 @@
      which resizes it to 336 x 336 and normalises it (41 calls);
    - `released`: the release's pipeline, each canvas resized with PIL, then CLIPImageProcessor on
      each of the 41 tiles.
-   `preprocess_speedup` is the smallest ratio over sizes and baselines (the conservative figure).
+   `preprocess_speedup` is the smallest per-crop ratio over the three sizes (the issue's
+   definition); `preprocess_speedup_vs_released` the smallest against the released pipeline.
 2. Pooling before vs after the projector with the real CLIP ViT-L/14 @ 336 geometry (random
    weights, reduced depth) and the released 1024 -> 4096 projector. The tower runs once; both
    orders then run on the same features. `pool_first_speedup` is the ratio of the post-tower
@@ -93,6 +94,20 @@ def released_baseline(image: Image.Image, processor, clip) -> list[torch.Tensor]
     return out
 
 
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, timed in turn within every repeat: on a shared CPU the
+    contenders then see the same background load, so their ratio is fair."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_preprocess(repeats: int = 7) -> dict[str, Any]:
     from .configuration_dragonfly import named_geometry
     from .image_processing_dragonfly import DragonflyImageProcessor
@@ -102,18 +117,23 @@ def bench_preprocess(repeats: int = 7) -> dict[str, Any]:
     rows, ratios = [], []
     for width, height in PREPROCESS_SIZES:
         image = photo(width, height)
-        ours = median_s(lambda image=image: processor(image), repeats)
-        per_crop = median_s(
-            lambda image=image: per_crop_baseline(image, processor, clip), max(3, repeats // 2)
+        t = interleaved_medians(
+            {
+                "ours": lambda image=image: processor(image),
+                "per_crop": lambda image=image: per_crop_baseline(image, processor, clip),
+                "released": lambda image=image: released_baseline(image, processor, clip),
+            },
+            repeats,
         )
-        released = median_s(
-            lambda image=image: released_baseline(image, processor, clip), max(3, repeats // 2)
-        )
-        rows.append({"size": f"{width}x{height}", "ours_ms": ours * 1e3, "per_crop_ms": per_crop * 1e3,
-                     "released_ms": released * 1e3, "per_crop_ratio": per_crop / ours,
-                     "released_ratio": released / ours})  # fmt: skip
-        ratios += [per_crop / ours, released / ours]
-    return {"preprocess": rows, "preprocess_speedup": min(ratios)}
+        rows.append({"size": f"{width}x{height}", "ours_ms": t["ours"] * 1e3, "per_crop_ms": t["per_crop"] * 1e3,
+                     "released_ms": t["released"] * 1e3, "per_crop_ratio": t["per_crop"] / t["ours"],
+                     "released_ratio": t["released"] / t["ours"]})  # fmt: skip
+        ratios.append((t["per_crop"] / t["ours"], t["released"] / t["ours"]))
+    return {
+        "preprocess": rows,
+        "preprocess_speedup": min(r[0] for r in ratios),
+        "preprocess_speedup_vs_released": min(r[1] for r in ratios),
+    }
 
 
 # ---------------------------------------------------------------------------- pooling order
@@ -259,14 +279,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     if "preprocess" in results:
-        lines += ["Preprocessing, released geometry (41 crops of 336 px), median wall time:", "",
+        lines += ["Preprocessing, released geometry (41 crops of 336 px), median wall time of interleaved runs:", "",
                   "| image | ours | per-crop CLIP (41 calls) | released pipeline | ratios |", "|---|---|---|---|---|"]  # fmt: skip
         for row in results["preprocess"]:
             lines.append(f"| {row['size']} | {row['ours_ms']:.0f} ms | {row['per_crop_ms']:.0f} ms | {row['released_ms']:.0f} ms | "
                          f"{row['per_crop_ratio']:.1f}x / {row['released_ratio']:.1f}x |")  # fmt: skip
         lines += [
             "",
-            f"`preprocess_speedup` (smallest ratio) = **{results['preprocess_speedup']:.1f}x**",
+            f"`preprocess_speedup` (smallest of the three per-crop ratios) = **{results['preprocess_speedup']:.1f}x**; "
+            f"against the released pipeline, smallest ratio {results['preprocess_speedup_vs_released']:.1f}x.",
             "",
         ]
     if "pool" in results:
