@@ -50,14 +50,16 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def apply_tune(model: nn.Module, tune: Tune) -> dict[str, int]:
-    """Freeze what the recipe does not train; frozen parts also go to eval mode so that their
-    batch-norm statistics (EfficientNet) stay as loaded. Returns trainable parameter counts."""
+    """Freeze what the recipe does not train. A frozen vision tower also goes to eval mode, so
+    its batch-norm statistics (EfficientNet) stay as loaded; a frozen LLM stays in train mode
+    (Llama has no dropout), because gradients still flow through it to the visual embeddings
+    and gradient checkpointing only acts on modules in train mode. Returns trainable counts."""
     model.train()
     counts = {}
     for name, part in model_parts(model).items():
         trainable = getattr(tune, name)
         part.requires_grad_(trainable)
-        if not trainable:
+        if not trainable and name == "vision_encoder":
             part.eval()
         # ZeRO-3 partitions parameters while loading: ds_numel is the full size
         counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in part.parameters()) if trainable else 0
