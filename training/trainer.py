@@ -314,7 +314,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
 
     if accelerator.is_main_process:
         paths.root.mkdir(parents=True, exist_ok=True)
-        (paths.root / "recipe.json").write_text(json.dumps(recipe.to_dict() | {"resolved_init": init}, indent=2))
+        (paths.root / "recipe.json").write_text(json.dumps(recipe.to_dict() | {"resolved_init": init, "plan": mixture.summary()}, indent=2))
         kept = []
         if paths.metrics.exists():  # drop metrics of steps the resumed run will redo
             kept = [line for line in paths.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
