@@ -1,0 +1,127 @@
+"""offline-med evaluation: scores on hand-checked predictions, the per-family draw, the feature
+cache against the model's own encoder for every ablation geometry, and a whole evaluation with
+both baselines on a random tiny model (seconds)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from offline_med_fake import random_model, write_fake_offline_med
+from PIL import Image
+
+from dragonfly_med.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
+from dragonfly_med.processing_dragonfly import DragonflyProcessor
+from training.offline_eval import (
+    FeatureCache,
+    evaluate_offline_med,
+    load_split,
+    score,
+    subsample,
+    table,
+    tower_fingerprint,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fake_offline_med(tmp_path_factory.mktemp("offline-med"))
+
+
+def row(family: str, answer_type: str, reference: str, prediction: str) -> dict:
+    return {
+        "family": family,
+        "answer_type": answer_type,
+        "reference": reference,
+        "prediction": prediction,
+    }
+
+
+def test_score_on_hand_checked_predictions():
+    rows = [
+        row("modality", "closed", "CT", "CT"),  # right
+        row("modality", "closed", "MRI", "CT scan"),  # wrong
+        row("body_region", "closed", "yes", "Yes, it is the head."),  # right: first yes/no word
+        row("description", "open", "a ct of the head", "the head ct"),  # open: F1 only
+    ]
+    result = score(rows)
+    assert result["closed_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    modality = {"closed_accuracy": 0.5, "token_f1": 0.5, "n": 2, "n_closed": 2}  # F1: 1 and 0
+    assert result["by_family"]["modality"] == modality
+    assert result["by_family"]["description"]["closed_accuracy"] is None  # no closed questions
+    assert result["by_family"]["description"]["token_f1"] == pytest.approx(
+        0.8, abs=1e-4
+    )  # 2 shared of 2 / 3 tokens
+    assert result["by_family"]["atlas_region"]["n"] == 0  # absent families are reported, n = 0
+    assert "| **overall** (4) |" in table(result | {"baselines": {}})
+
+
+def test_subsample_is_seeded_capped_and_prefers_closed(data_dir):
+    records = load_split(data_dir, "test")
+    assert all(len(r["conversations"]) == 2 for r in records)  # multi-turn left out
+    picked = subsample(records, 2, seed=0)
+    assert picked == subsample(records, 2, seed=0)
+    counts = {f: sum(r["family"] == f for r in picked) for f in {r["family"] for r in picked}}
+    assert counts == {"modality": 2, "body_region": 2, "fine_detail": 2, "description": 2}
+    assert subsample(records, None, ("modality",)) == [
+        r for r in records if r["family"] == "modality"
+    ]
+
+
+@pytest.mark.parametrize(
+    "levels", [("low",), ("low", "medium"), ("low", "high"), ("low", "medium", "high")]
+)
+def test_feature_cache_equals_encode_images_for_every_geometry(levels):
+    """The ablation scores each geometry from one cached pass over all 41 crops: selecting the
+    crops of `levels` and projecting must equal the variant model's own `encode_images`."""
+    full_model, full_processor = random_model()
+    config = DragonflyConfig(
+        **(
+            full_model.config.to_dict()
+            | {"geometry": replace(full_model.config.get_geometry(), levels=levels).to_dict()}
+        )
+    )
+    model = DragonflyForConditionalGeneration(config).eval()
+    model.load_state_dict(full_model.state_dict())
+    processor = DragonflyProcessor.from_model_config(config, full_processor.tokenizer)
+    image = Image.new("RGB", (80, 50), (120, 30, 200))
+    image.paste((10, 250, 40), (5, 5, 30, 20))
+    with torch.inference_mode():
+        pixel = processor.image_processor(image)
+        (expected,) = model.encode_images(pixel["pixel_values"], pixel["num_crops"])
+    path = "/tmp/_offline_eval_test.png"
+    image.save(path)
+    cache = FeatureCache()
+    low, pooled, plan = cache.features(
+        model, processor.image_processor, path, tower_fingerprint(model)
+    )
+    assert plan.num_crops == 41  # always the full plan, whatever the model's levels
+    got = cache.embeds(model, low, pooled, plan, levels)
+    torch.testing.assert_close(got, expected)
+
+
+def test_whole_evaluation_with_baselines(data_dir, tmp_path):
+    model, processor = random_model(seed=0)
+    untrained = random_model(seed=1)
+    result = evaluate_offline_med(
+        model, processor, data_dir, per_family=2, baseline_models={"untrained_projector": untrained},
+        predictions_file=tmp_path / "predictions.jsonl",
+    )  # fmt: skip
+    assert set(result["baselines"]) == {"no_image", "untrained_projector"}
+    for block in [result, *result["baselines"].values()]:
+        assert {"closed_accuracy", "token_f1", "by_family"} <= set(block)
+        for value in [block["closed_accuracy"], block["token_f1"]] + [
+            v
+            for f in block["by_family"].values()
+            for k, v in f.items()
+            if k != "n" and k != "n_closed"
+        ]:
+            assert value is None or 0.0 <= value <= 1.0
+        assert block["by_family"]["modality"]["n"] == 2
+        assert block["by_family"]["fine_detail"]["n"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * result["n"] == 3 * 8
+    assert {r["system"] for r in rows} == {"model", "no_image", "untrained_projector"}

@@ -1,0 +1,111 @@
+"""reproduce-tiny and the ablation: recipe overrides resolve, stages chain and resume by skipping
+finished ones, the projector export loads into the tiny model's projector, the ablation's variant
+folders differ only in geometry levels, and its summary has the documented keys."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+
+import pytest
+from offline_med_fake import random_model_dir, write_fake_offline_med
+from safetensors.torch import load_file
+
+from training import ablation
+from training.recipe import load_recipe
+from training.reproduce import (
+    BUDGETS,
+    export_projector,
+    run_stages,
+    stage_overrides,
+    write_single_turn,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fake_offline_med(tmp_path_factory.mktemp("offline-med"))
+
+
+def test_overrides_resolve_to_projector_only_recipes(data_dir):
+    for plan in BUDGETS["cpu"]:
+        recipe = load_recipe(plan.recipe, stage_overrides(plan, "tiny", data_dir, seed=3))
+        assert (recipe.tune.projector, recipe.tune.vision_encoder, recipe.tune.llm) == (
+            True,
+            False,
+            False,
+        )
+        assert (
+            recipe.init_from == "tiny"
+            and recipe.seed == 3
+            and recipe.gradient_checkpointing is False
+        )
+        assert [(d.path, d.count, d.image_root) for d in recipe.datasets] == [
+            (plan.data, plan.count, ".")
+        ]
+    assert (
+        load_recipe("tiny-med-stage1").tune.vision_encoder is True
+    )  # the recipe file is untouched
+
+
+def test_single_turn_file_drops_descriptions_and_chats(data_dir):
+    rows = [json.loads(line) for line in write_single_turn(data_dir).read_text().splitlines()]
+    assert rows and all(len(r["conversations"]) == 2 and r["family"] != "description" for r in rows)
+
+
+def test_stages_chain_skip_when_done_and_export_the_projector(data_dir, tmp_path):
+    init = random_model_dir(tmp_path / "init")
+    final, log = run_stages(BUDGETS["smoke"], data_dir, tmp_path / "run", init=str(init))
+    assert final.endswith("stage3/final") and [e["recipe"] for e in log] == [
+        "tiny-med-stage1",
+        "tiny-med-stage2",
+        "tiny-med-stage3",
+    ]
+    assert log[1]["overrides"][0] == f"init_from={tmp_path / 'run' / 'stage1' / 'final'}"
+    _, again = run_stages(BUDGETS["smoke"], data_dir, tmp_path / "run", init=str(init))
+    assert all(e.get("skipped") for e in again)
+    projector = load_file(
+        export_projector(
+            tmp_path / "run" / "stage3" / "final", tmp_path / "assets" / "projector.safetensors"
+        )
+    )
+    assert set(projector) == {"weight", "bias"} and projector["weight"].shape == (32, 32)
+
+
+def test_ablation_variants_differ_only_in_levels(tmp_path):
+    base = random_model_dir(tmp_path / "base")
+    folders = {
+        name: ablation.variant_init(base, levels, tmp_path / name.replace("+", ""))
+        for name, levels in ablation.VARIANTS.items()
+    }
+    configs = {name: json.loads((f / "config.json").read_text()) for name, f in folders.items()}
+    for name, config in configs.items():
+        assert tuple(config["geometry"].pop("levels")) == ablation.VARIANTS[name]
+        processor = json.loads((folders[name] / "preprocessor_config.json").read_text())
+        assert tuple(processor["geometry"]["levels"]) == ablation.VARIANTS[name]
+    assert all(c == configs["L"] for c in configs.values())
+    assert (folders["L"] / "model.safetensors").resolve() == (base / "model.safetensors").resolve()
+
+
+def test_ablation_summary_keys():
+    results = [
+        {
+            "variant": v,
+            "seed": s,
+            "fine_detail": f,
+            "coarse": 0.6,
+            "n_fine_detail": 4,
+            "n_coarse": 4,
+            "train_seconds": 1.0,
+            "last_loss": 1.0,
+        }
+        for s in (0, 1)
+        for v, f in (("L", 0.5), ("L+M", 0.5), ("L+H", 0.75), ("L+M+H", 0.75))
+    ]
+    summary = ablation.summarise(results, Namespace(samples=8), n_train=10)
+    assert set(summary["variants"]) == {"L", "L+M", "L+H", "L+M+H"} and summary["seeds"] == [0, 1]
+    assert (
+        summary["variants"]["L+M+H"]["fine_detail"] == 0.75
+        and summary["delta_LMH_minus_L"]["fine_detail"] == 0.25
+    )
+    assert "**met**" in ablation.markdown(summary)

@@ -1,0 +1,489 @@
+"""Score a model on the offline-med test split, next to two baselines measured in the same run.
+
+    python -m training eval --benchmark offline-med --model tiny --json        # via training/evaluate.py
+    python -m training.offline_eval --model runs/x/final --data runs/offline-med --json
+
+Metrics are the paper's VQA metrics (training/metrics.py): closed-question accuracy (exact
+normalised match; yes/no answers by their first yes/no word) and token F1 over all questions,
+overall and per family, as fractions in [0, 1]. Baselines, measured on the same records:
+- `no_image`: the same LLM asked the same question without the image block, i.e. what the
+  question text alone (options, priors of the language model) buys;
+- `untrained_projector`: the tiny model as it was before any training (SmolLM2 + EfficientNet
+  + the seeded, calibrated random projector), i.e. what training bought.
+
+Why the image features are cached: on this 2-core CPU the vision tower costs as much as the
+LLM prefill (41 crops per image). The tower is frozen in every tiny recipe we run, so its
+features are identical for the model and its baselines (and for the ablation's geometries,
+whose crops are subsets of the full plan's): we run it once per image and key the cache by a
+fingerprint of the tower's weights, so a tower that was trained gets its own entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from training.metrics import closed_accuracy, mean_token_f1
+
+DEFAULT_DATA = Path("runs/offline-med")
+# Families the builder can emit (docs/offline-med.md); absent ones are reported with n = 0.
+FAMILIES = (
+    "modality",
+    "body_region",
+    "plane",
+    "window",
+    "laterality",
+    "atlas_region",
+    "finding",
+    "fine_detail",
+    "description",
+)
+COARSE_FAMILIES = ("modality", "body_region", "plane", "window")
+BASELINES = ("no_image", "untrained_projector")
+
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+def load_split(data_dir: Path, split: str = "test") -> list[dict]:
+    """Single-turn records of one split (multi-turn conversations are training-only)."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; build the data with `python -m training.offline_med --out {data_dir}`"
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if len(r["conversations"]) == 2]
+
+
+def question_answer(record: dict) -> tuple[str, str]:
+    human, gpt = record["conversations"]
+    return human["value"].replace("<image>", "").strip(), gpt["value"].strip()
+
+
+def subsample(
+    records: list[dict],
+    per_family: int | None,
+    families: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """At most `per_family` records of each family, drawn by seed, closed questions first.
+
+    CPU time, not data, limits how many questions we can ask; a seeded draw per family keeps
+    every family represented and makes two runs with the same seed ask the same questions.
+    Closed questions are preferred because accuracy is the headline metric.
+    """
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        if families is None or record["family"] in families:
+            by_family[record["family"]].append(record)
+    chosen = []
+    for family in sorted(by_family):
+        group = by_family[family]
+        if per_family is not None and len(group) > per_family:
+            rng = random.Random(f"{seed}-{family}")
+            closed = [r for r in group if r["answer_type"] == "closed"]
+            opened = [r for r in group if r["answer_type"] != "closed"]
+            rng.shuffle(closed)
+            rng.shuffle(opened)
+            n_open = min(len(opened), per_family // 4)
+            group = closed[: per_family - n_open] + opened[:n_open]
+            group = group + opened[n_open : n_open + per_family - len(group)]
+        chosen += group
+    return chosen
+
+
+# ---- image features --------------------------------------------------------------------------
+
+
+def tower_fingerprint(model) -> str:
+    """Identifies the vision tower's weights (a trained tower must not reuse cached features)."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        if tensor.is_floating_point():
+            h.update(f"{name}:{float(tensor.double().sum()):.6e}".encode())
+    return h.hexdigest()[:12]
+
+
+def full_levels(image_processor):
+    """The same image processor with every level on (the ablation's processors drop some)."""
+    from dataclasses import replace
+
+    from dragonfly_med.geometry import LEVELS
+    from dragonfly_med.image_processing_dragonfly import DragonflyImageProcessor
+
+    geometry = image_processor.geometry_obj
+    if geometry.levels == LEVELS:
+        return image_processor
+    return DragonflyImageProcessor(
+        geometry=replace(geometry, levels=LEVELS),
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        rescale_factor=image_processor.rescale_factor,
+    )
+
+
+class FeatureCache:
+    """Vision-tower features of every crop of the FULL plan (L+M+H), per image and tower.
+
+    Stored already pooled where the model pools (medium/high crops to `pooled_grid`), which is
+    linear and precedes the projector, so a 41-crop image takes ~1 MB. `embeds` then selects the
+    crops of any level subset and applies a model's projector: exactly `encode_images`.
+    """
+
+    def __init__(self) -> None:
+        self.store: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, object]] = {}
+
+    def features(
+        self, model, image_processor, image_path: Path, key: str
+    ) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(low features [T, C], pooled medium+high features [M+H, t, C], full plan) of an image."""
+        cache_key = (key, str(image_path))
+        if cache_key not in self.store:
+            full = full_levels(image_processor)
+            with Image.open(image_path) as image:
+                image = image.convert("RGB")
+            plan = full.plan(image)
+            pixel = full(image)
+            with torch.inference_mode():
+                (features,) = model._tower_features(pixel["pixel_values"], pixel["num_crops"])
+                self.store[cache_key] = (
+                    features[0].clone(),
+                    model.pool_crops(features[1:]).clone(),
+                    plan,
+                )
+        return self.store[cache_key]
+
+    @staticmethod
+    def embeds(
+        model, low: torch.Tensor, pooled: torch.Tensor, plan, levels: tuple[str, ...]
+    ) -> torch.Tensor:
+        """Visual embeddings for the crops of `levels`, in model order (low, medium, high)."""
+        n_medium = plan.medium_grid[0] * plan.medium_grid[1]
+        parts = [pooled[:n_medium]] if "medium" in levels else []
+        if "high" in levels:
+            parts.append(pooled[n_medium:])
+        with torch.inference_mode():
+            out = [model.vision_embed_tokens(low)]
+            if parts:
+                out.append(model.vision_embed_tokens(torch.cat(parts)).flatten(0, 1))
+        return torch.cat(out)
+
+
+# ---- answering -------------------------------------------------------------------------------
+
+
+def max_tokens_for(record: dict, cap: int) -> int:
+    """Closed and short answers need a few tokens; descriptions get `cap`. Reference length
+    bounds the budget: a longer answer could only lower precision."""
+    if record["answer_type"] == "closed":
+        return 8
+    return 16 if record["family"] != "description" else cap
+
+
+def generate(
+    model, processor, question: str, image_embeds: torch.Tensor | None, plan, max_new_tokens: int
+) -> str:
+    """Greedy answer to one question, with the image block (plan + embeds) or without it."""
+    sample = processor.build_prompt_ids(
+        [(question, None)], plan if image_embeds is not None else None
+    )
+    input_ids = torch.tensor([sample.input_ids], dtype=torch.long)
+    eos = list(processor.eos_token_ids) + [
+        i for i in (model.config.eos_token_ids or []) if i not in processor.eos_token_ids
+    ]
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            image_embeds=[image_embeds] if image_embeds is not None else None,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=processor.pad_token_id,
+        )
+    return processor.tokenizer.decode(
+        out[0, input_ids.shape[1] :], skip_special_tokens=True
+    ).strip()
+
+
+def score(rows: list[dict]) -> dict:
+    """Overall and per-family closed accuracy and token F1 as fractions (None when undefined)."""
+
+    def frac(value: float) -> float | None:
+        return None if value != value else round(value / 100.0, 4)  # NaN: no such questions
+
+    def block(group: list[dict]) -> dict:
+        closed = [r for r in group if r["answer_type"] == "closed"]
+        return {
+            "closed_accuracy": frac(
+                closed_accuracy([r["prediction"] for r in closed], [r["reference"] for r in closed])
+            ),
+            "token_f1": frac(
+                mean_token_f1([r["prediction"] for r in group], [r["reference"] for r in group])
+            ),
+            "n": len(group),
+            "n_closed": len(closed),
+        }
+
+    by_family = {f: block([r for r in rows if r["family"] == f]) for f in FAMILIES}
+    for family in sorted({r["family"] for r in rows} - set(FAMILIES)):
+        by_family[family] = block([r for r in rows if r["family"] == family])
+    return block(rows) | {"by_family": by_family}
+
+
+def answer_all(
+    model,
+    processor,
+    records: list[dict],
+    data_dir: Path,
+    cache: FeatureCache,
+    *,
+    use_image: bool = True,
+    levels: tuple[str, ...] | None = None,
+    max_new_tokens: int = 64,
+    label: str = "model",
+) -> list[dict]:
+    """Predictions of one model on `records` (one row per record, JSON-ready)."""
+    from tqdm import tqdm
+
+    levels = levels or model.config.get_geometry().levels
+    key = tower_fingerprint(model)
+    rows = []
+    for record in tqdm(records, desc=label, file=sys.stderr, disable=len(records) < 4):
+        question, reference = question_answer(record)
+        embeds, plan = None, None
+        if use_image:
+            low, pooled, full_plan = cache.features(
+                model, processor.image_processor, data_dir / record["image"], key
+            )
+            embeds = cache.embeds(model, low, pooled, full_plan, levels)
+            plan = processor.image_processor.plan(full_plan.image_size)
+        prediction = generate(
+            model, processor, question, embeds, plan, max_tokens_for(record, max_new_tokens)
+        )
+        rows.append(
+            {
+                "id": record["id"],
+                "family": record["family"],
+                "answer_type": record["answer_type"],
+                "question": question,
+                "reference": reference,
+                "prediction": prediction,
+            }
+        )
+    return rows
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+def untrained_tiny_dir() -> Path:
+    """The tiny model folder as built without trained assets (the seeded calibrated projector),
+    cached next to the tiny cache."""
+    from dragonfly_med import tiny
+
+    target = tiny.cache_root() / f"tiny-untrained-v{tiny.BUILD_VERSION}"
+    if not (target / "config.json").is_file():
+        tiny.build_tiny(
+            target, projector_path=target.parent / "no-trained-assets" / "projector.safetensors"
+        )
+    return target
+
+
+def untrained_tiny():
+    """(model, processor) of the untrained tiny model: the `untrained_projector` baseline."""
+    from dragonfly_med.loading import load_model
+
+    return load_model(str(untrained_tiny_dir()), dtype=torch.float32, device_map="cpu")
+
+
+def evaluate_offline_med(
+    model,
+    processor,
+    data_dir: str | Path = DEFAULT_DATA,
+    *,
+    split: str = "test",
+    per_family: int | None = 12,
+    families: tuple[str, ...] | None = None,
+    baselines: tuple[str, ...] = BASELINES,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    predictions_file: str | Path | None = None,
+    baseline_models: dict | None = None,
+) -> dict:
+    """Scores of `model` on the offline-med `split`, with baselines measured on the same records.
+
+    Returns {closed_accuracy, token_f1, n, n_closed, by_family, baselines: {name: same keys},
+    split, records, seconds}; every score is a fraction in [0, 1] or None when a group has no
+    (closed) questions. `baseline_models` may supply {"untrained_projector": (model, processor)}
+    (tests pass tiny random models); by default the untrained tiny model is built.
+    """
+    started = time.time()
+    data_dir = Path(data_dir)
+    records = subsample(load_split(data_dir, split), per_family, families, seed)
+    cache = FeatureCache()
+    rows = answer_all(
+        model, processor, records, data_dir, cache, max_new_tokens=max_new_tokens, label="model"
+    )
+    result = score(rows)
+    result["baselines"] = {}
+    all_rows = {"model": rows}
+    for name in baselines:
+        if name == "no_image":
+            base_rows = answer_all(
+                model,
+                processor,
+                records,
+                data_dir,
+                cache,
+                use_image=False,
+                max_new_tokens=max_new_tokens,
+                label=name,
+            )
+        elif name == "untrained_projector":
+            base_model, base_processor = (baseline_models or {}).get(name) or untrained_tiny()
+            base_rows = answer_all(
+                base_model,
+                base_processor,
+                records,
+                data_dir,
+                cache,
+                max_new_tokens=max_new_tokens,
+                label=name,
+            )
+        else:
+            raise ValueError(f"unknown baseline {name!r}; known: {BASELINES}")
+        all_rows[name] = base_rows
+        result["baselines"][name] = score(base_rows)
+    if predictions_file is not None:
+        path = Path(predictions_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as handle:
+            for name, group in all_rows.items():
+                for row in group:
+                    handle.write(json.dumps(row | {"system": name}) + "\n")
+        result["predictions_file"] = str(path)
+    result.update(
+        split=split, per_family=per_family, seed=seed, seconds=round(time.time() - started, 1)
+    )
+    return result
+
+
+def ensure_data(data_dir: Path, scale: str = "full", seed: int = 0) -> None:
+    """Build the offline-med set when it is missing (~1.5 min at full scale), so `eval` works on
+    a fresh clone."""
+    if (data_dir / "test.jsonl").is_file():
+        return
+    import subprocess
+
+    print(f"[offline-eval] building offline-med ({scale}) into {data_dir}", file=sys.stderr)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.offline_med",
+            "--out",
+            str(data_dir),
+            "--scale",
+            scale,
+            "--seed",
+            str(seed),
+        ],
+        check=True,
+    )
+
+
+def table(result: dict) -> str:
+    """A Markdown table: the model and each baseline, overall and per family (closed acc / F1)."""
+    systems = {"model": result} | result.get("baselines", {})
+
+    def cell(block: dict) -> str:
+        acc, f1 = block.get("closed_accuracy"), block.get("token_f1")
+        return f"{'-' if acc is None else f'{100 * acc:.1f}'} / {'-' if f1 is None else f'{100 * f1:.1f}'}"
+
+    lines = ["| family (n) | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
+    lines.append(
+        "| **overall** ("
+        + str(result["n"])
+        + ") | "
+        + " | ".join(cell(s) for s in systems.values())
+        + " |"
+    )
+    for family, block in result["by_family"].items():
+        lines.append(
+            f"| {family} ({block['n']}) | "
+            + " | ".join(cell(s["by_family"][family]) for s in systems.values())
+            + " |"
+        )
+    return (
+        "\n".join(lines)
+        + "\n\ncells: closed accuracy % / token F1 %; '-': no such questions in the sample.\n"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", default="offline-med", choices=["offline-med"])
+    parser.add_argument(
+        "--model", default="tiny", help="'tiny', a model directory or a run's final folder"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="offline-med folder (built if missing)"
+    )
+    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument(
+        "--per-family", type=int, default=12, help="questions per family (CPU time); 0 = all"
+    )
+    parser.add_argument(
+        "--baselines", default=",".join(BASELINES), help="comma-separated; '' for none"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="cap for open (description) answers"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="which questions the per-family draw picks"
+    )
+    parser.add_argument(
+        "--predictions", type=Path, default=None, help="write every prediction (JSONL)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the JSON result instead of a table"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dragonfly_med.loading import load_model
+
+    ensure_data(args.data)
+    model, processor = load_model(args.model, dtype=torch.float32, device_map="cpu")
+    result = evaluate_offline_med(
+        model,
+        processor,
+        args.data,
+        split=args.split,
+        per_family=args.per_family or None,
+        baselines=tuple(b for b in args.baselines.split(",") if b),
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        predictions_file=args.predictions,
+    )
+    result = {"benchmark": "offline-med", "model": str(args.model)} | result
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(
+        prog="python -m training.offline_eval", description=__doc__.splitlines()[0]
+    )
+    add_arguments(cli)
+    sys.exit(run(cli.parse_args()))
