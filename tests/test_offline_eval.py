@@ -125,3 +125,16 @@ def test_whole_evaluation_with_baselines(data_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * result["n"] == 3 * 8
     assert {r["system"] for r in rows} == {"model", "no_image", "untrained_projector"}
+
+
+def test_training_cli_dispatches_offline_med_to_this_evaluator(data_dir, tmp_path, capsys):
+    from offline_med_fake import random_model_dir
+
+    from training.__main__ import main
+
+    model = random_model_dir(tmp_path / "model")
+    argv = ["eval", "--benchmark", "offline-med", "--model", str(model), "--data", str(data_dir)]
+    assert main(argv + ["--per-family", "1", "--baselines", "no_image", "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{\n") :])  # the JSON follows any library chatter
+    assert result["benchmark"] == "offline-med" and set(result["baselines"]) == {"no_image"}

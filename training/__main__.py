@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
+    module_name = COMMANDS[args.command][0]
+    if args.command == "eval" and {"offline-med", "--benchmark=offline-med"} & set(rest):
+        module_name = "training.offline_eval"  # its own scorer: baselines and question families
+    module = importlib.import_module(module_name)
     command_parser = argparse.ArgumentParser(prog=f"python -m training {args.command}")
     module.add_arguments(command_parser)
     return module.run(command_parser.parse_args(rest))
