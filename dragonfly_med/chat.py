@@ -14,6 +14,7 @@ Why the pieces are shaped this way:
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -97,19 +98,22 @@ class _TimedStreamer(TextIteratorStreamer):
 class ChatEngine:
     """A loaded model + processor that hands out conversations. Thread-safe."""
 
-    def __init__(self, model: Any, processor: Any, model_id: str = "model") -> None:
+    def __init__(
+        self, model: Any, processor: Any, model_id: str = "model", cpu_threads: int | None = None
+    ) -> None:
         self.model = model
         self.processor = processor
         self.model_id = model_id
         self.lock = threading.Lock()
+        self.cpu_threads = cpu_threads if cpu_threads is not None else default_cpu_threads(model)
 
     @classmethod
-    def load(cls, name: str = "tiny", **kwargs: Any) -> ChatEngine:
+    def load(cls, name: str = "tiny", cpu_threads: int | None = None, **kwargs: Any) -> ChatEngine:
         """`loading.load_model(name, **kwargs)` (load_in_4bit, load_in_8bit, dtype, device_map)."""
         from .loading import load_model
 
         model, processor = load_model(name, **kwargs)
-        return cls(model, processor, model_id=str(name))
+        return cls(model, processor, model_id=str(name), cpu_threads=cpu_threads)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -255,7 +259,6 @@ class Conversation:
         engine, model = self.engine, self.engine.model
         cache, reused = self._reusable_cache(prompt)
         self._cache = None  # invalid until this turn completes
-        embeds = self._encoded_image() if reused == 0 else None
         streamer = _TimedStreamer(
             engine.processor.tokenizer,
             skip_prompt=True,
@@ -266,7 +269,7 @@ class Conversation:
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            image_embeds=embeds,
+            image_embeds=None,  # set by the worker when the cache does not hold the image yet
             cache=cache,
             use_cache=True,
             streamer=streamer,
@@ -278,8 +281,8 @@ class Conversation:
         )
         result: dict[str, Any] = {}
         worker = threading.Thread(
-            target=_run_generate,
-            args=(model, kwargs, result, streamer),
+            target=_run_turn,
+            args=(self, reused == 0 and self.image is not None, kwargs, result, streamer),
             name=WORKER_NAME,
             daemon=True,
         )
@@ -344,11 +347,38 @@ class Conversation:
             self._cache_ids = (prompt + generated)[: cache.get_seq_length()]
 
 
-def _run_generate(model: Any, kwargs: dict, result: dict, streamer: TextIteratorStreamer) -> None:
-    """Worker: generate, keep the output or the error, and always end the stream."""
+def default_cpu_threads(model: Any) -> int | None:
+    """Intra-op threads for a model on the CPU: `$DRAGONFLY_CPU_THREADS`, else half the cores.
+
+    Measured on the shared 2-core machine: with 2 threads a 41-crop turn of the tiny model took
+    3-3.7 s to its first token, with 1 thread 2.1-2.2 s (OpenMP threads spin against the other
+    processes; a 135M LLM's decode gains nothing from them). Half the cores also leaves the app's
+    own threads room. Set per worker thread, so the rest of the process is untouched."""
+    device = getattr(model, "device", None)
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    if os.environ.get("DRAGONFLY_CPU_THREADS"):
+        return max(1, int(os.environ["DRAGONFLY_CPU_THREADS"]))
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _run_turn(
+    conversation: Conversation,
+    needs_image: bool,
+    kwargs: dict,
+    result: dict,
+    streamer: TextIteratorStreamer,
+) -> None:
+    """Worker: encode the image if this turn needs it, generate, keep the output or the error,
+    and always end the stream. All of a turn's compute runs here, under the engine's threads."""
     try:
+        threads = conversation.engine.cpu_threads
+        if threads:
+            torch.set_num_threads(threads)  # OpenMP: applies to this worker thread only
         with torch.inference_mode():
-            result["output"] = model.generate(**kwargs)
+            if needs_image:
+                kwargs["image_embeds"] = conversation._encoded_image()
+            result["output"] = conversation.engine.model.generate(**kwargs)
     except Exception as err:  # handed to the consumer as status "error"
         result["error"] = f"{type(err).__name__}: {err}"
         streamer.end()

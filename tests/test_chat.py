@@ -194,3 +194,28 @@ def test_real_tiny_default_two_turns():
         list(conv.stream("Are you sure?", SamplingParams(max_new_tokens=4)))
         assert spy.calls == 0
     assert conv.last_stats.status == "ok" and conv.last_stats.reused_tokens > 250
+
+
+def test_cpu_threads_apply_to_the_worker_only(engine, image, monkeypatch):
+    seen = []
+    handle = engine.model.image_encoder.register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(engine, "cpu_threads", 1)
+    before = torch.get_num_threads()
+    try:
+        list(engine.new_conversation(image).stream("Q?", SamplingParams(max_new_tokens=2)))
+    finally:
+        handle.remove()
+    assert seen == [1]  # the image is encoded in the worker, under the engine's thread count
+    assert torch.get_num_threads() == before
+
+
+def test_default_cpu_threads(monkeypatch):
+    from dragonfly_med.chat import default_cpu_threads
+
+    class OnCpu:
+        device = torch.device("cpu")
+
+    monkeypatch.setenv("DRAGONFLY_CPU_THREADS", "3")
+    assert default_cpu_threads(OnCpu()) == 3
+    monkeypatch.delenv("DRAGONFLY_CPU_THREADS")
+    assert default_cpu_threads(OnCpu()) >= 1
