@@ -250,6 +250,7 @@ def bench_tiny(max_new_tokens: int = 32) -> dict[str, Any]:
         else None,
         "tiny": {
             "fresh_process_imports_s": imports_s,
+            "cpu_threads": engine.cpu_threads,
             "preprocess_s": preprocess_s,
             "encode_41_crops_s": encode_s,
             "prompt_tokens": first.prompt_tokens,
@@ -306,7 +307,9 @@ def markdown(results: dict[str, Any]) -> str:
                   f"| `tiny_tokens_per_s` | {t['tiny_tokens_per_s']:.1f} | >= 15 |",
                   f"| `turn2_ttft_ratio` | {t['turn2_ttft_ratio']:.3f} ({t['turn2_ttft_s']:.2f} s) | <= 0.30 |", ""]  # fmt: skip
         d = t["tiny"]
-        lines += [f"Load measured in a fresh process after {d['fresh_process_imports_s']:.1f} s of imports. "
+        lines += [f"Chat worker threads: {d['cpu_threads']} (`ChatEngine.cpu_threads`: half the cores by default; on this "
+                  "shared machine 2 threads made turn 1 about 1.5x slower). "
+                  f"Load measured in a fresh process after {d['fresh_process_imports_s']:.1f} s of imports. "
                   f"Of turn 1's first-token time, preprocessing takes {d['preprocess_s'] * 1e3:.0f} ms and the "
                   f"EfficientNet-Lite0 tower on the 41 crops {d['encode_41_crops_s']:.2f} s (measured again after "
                   f"the turns); the rest is the {d['prompt_tokens']}-token prefill. Turn 2 reuses the KV cache "
