@@ -12,10 +12,12 @@ from offline_med_fake import random_model_dir, write_fake_offline_med
 from safetensors.torch import load_file
 
 from training import ablation
+from training.offline_eval import score
 from training.recipe import load_recipe
 from training.reproduce import (
     BUDGETS,
     export_projector,
+    model_card,
     run_stages,
     stage_overrides,
     write_single_turn,
@@ -64,6 +66,16 @@ def test_stages_chain_skip_when_done_and_export_the_projector(data_dir, tmp_path
     assert log[1]["overrides"][0] == f"init_from={tmp_path / 'run' / 'stage1' / 'final'}"
     _, again = run_stages(BUDGETS["smoke"], data_dir, tmp_path / "run", init=str(init))
     assert all(e.get("skipped") for e in again)
+    assert again[2]["resolved"]["tune"] == {
+        "projector": True,
+        "vision_encoder": False,
+        "llm": False,
+    }
+    rows = [{"family": "modality", "answer_type": "closed", "reference": "CT", "prediction": "CT"}]
+    scores = score(rows) | {"seed": 0}
+    result = scores | {"baselines": {"no_image": score(rows), "untrained_projector": score(rows)}}
+    card = model_card(result, again, "smoke", data_dir, 60.0)
+    assert "| 3 | `tiny-med-stage3` | 2 x 2 epochs |" in card and "**100.0%**" in card
     projector = load_file(
         export_projector(
             tmp_path / "run" / "stage3" / "final", tmp_path / "assets" / "projector.safetensors"

