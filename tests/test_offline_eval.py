@@ -49,7 +49,8 @@ def test_score_on_hand_checked_predictions():
     ]
     result = score(rows)
     assert result["closed_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
-    modality = {"closed_accuracy": 0.5, "token_f1": 0.5, "n": 2, "n_closed": 2}  # F1: 1 and 0
+    modality = {"closed_accuracy": 0.5, "closed_accuracy_strict": 0.5, "token_f1": 0.5, "n": 2}
+    modality["n_closed"] = 2  # F1: 1 and 0
     assert result["by_family"]["modality"] == modality
     assert result["by_family"]["description"]["closed_accuracy"] is None  # no closed questions
     assert result["by_family"]["description"]["token_f1"] == pytest.approx(
@@ -57,6 +58,18 @@ def test_score_on_hand_checked_predictions():
     )  # 2 shared of 2 / 3 tokens
     assert result["by_family"]["atlas_region"]["n"] == 0  # absent families are reported, n = 0
     assert "| **overall** (4) |" in table(result | {"baselines": {}})
+
+
+def test_a_closed_answer_commits_to_the_one_option_it_names():
+    rows = [
+        row("fine_detail", "closed", "KR3", "The label says KR3.") | {"options": ["RC9", "KR3"]},
+        row("fine_detail", "closed", "KR3", "RC9 or KR3") | {"options": ["RC9", "KR3"]},  # both
+        row("fine_detail", "closed", "7", "It says 17.") | {"options": ["7", "3"]},  # not a word
+        row("window", "closed", "soft tissue", "soft tissue window")
+        | {"options": ["brain", "soft tissue"]},
+    ]
+    block = score(rows)
+    assert block["closed_accuracy"] == 0.5 and block["closed_accuracy_strict"] == 0.0
 
 
 def test_subsample_is_seeded_capped_and_prefers_closed(data_dir):

@@ -112,7 +112,7 @@ def run_variant(
     import torch
 
     from dragonfly_med.loading import load_model
-    from training.offline_eval import answer_all, score, untrained_tiny_dir
+    from training.offline_eval import answer_all, untrained_tiny_dir
     from training.recipe import load_recipe
     from training.trainer import FINAL_DIR, train
 
@@ -133,7 +133,6 @@ def run_variant(
     train_s = time.time() - started
     model, processor = load_model(str(folder / FINAL_DIR), dtype=torch.float32, device_map="cpu")
     rows = answer_all(model, processor, records, args.data, cache, label=f"{name} seed {seed}")
-    scores = score(rows)
     metrics = [
         json.loads(line)
         for line in (folder / "metrics.jsonl").read_text().splitlines()
@@ -143,10 +142,7 @@ def run_variant(
         "variant": name,
         "seed": seed,
         "levels": list(VARIANTS[name]),
-        "fine_detail": scores["by_family"]["fine_detail"]["closed_accuracy"],
-        "coarse": accuracy([r for r in rows if r["family"] in COARSE]),
-        "n_fine_detail": sum(r["family"] == "fine_detail" for r in rows),
-        "n_coarse": sum(r["family"] in COARSE for r in rows),
+        **variant_scores(rows),
         "train_steps": len(metrics),
         "first_loss": metrics[0]["loss"],
         "last_loss": metrics[-1]["loss"],
@@ -159,14 +155,42 @@ def run_variant(
     return result
 
 
-def accuracy(rows: list[dict]) -> float | None:
-    from training.metrics import closed_accuracy
+def variant_scores(rows: list[dict]) -> dict:
+    """Closed accuracy (offline_eval.score: the option an answer commits to) on the fine-detail
+    questions and on the coarse ones, plus the strict whole-answer match for reference."""
+    from training.offline_eval import score
 
-    if not rows:
-        return None
-    return round(
-        closed_accuracy([r["prediction"] for r in rows], [r["reference"] for r in rows]) / 100, 4
-    )
+    fine = score([r for r in rows if r["family"] == "fine_detail"])
+    coarse = score([r for r in rows if r["family"] in COARSE])
+    return {
+        "fine_detail": fine["closed_accuracy"],
+        "coarse": coarse["closed_accuracy"],
+        "fine_detail_strict": fine["closed_accuracy_strict"],
+        "coarse_strict": coarse["closed_accuracy_strict"],
+        "n_fine_detail": fine["n"],
+        "n_coarse": coarse["n"],
+    }
+
+
+def rescored(result_path: Path, data_dir: Path) -> dict:
+    """A cached variant result with its scores recomputed from its saved predictions."""
+    from training.offline_eval import with_options
+
+    result = json.loads(result_path.read_text())
+    predictions = result_path.parent / "predictions.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line]
+    return result | variant_scores(with_options(rows, data_dir))
+
+
+def recipe_epochs() -> float:
+    from training.recipe import load_recipe
+
+    return load_recipe(RECIPE).epochs
+
+
+def mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def summarise(results: list[dict], args: argparse.Namespace, n_train: int) -> dict:
@@ -182,6 +206,10 @@ def summarise(results: list[dict], args: argparse.Namespace, n_train: int) -> di
         variants[name] = {
             "fine_detail": round(sum(r["fine_detail"] for r in used) / len(used), 4),
             "coarse": round(sum(r["coarse"] for r in used) / len(used), 4),
+            **{
+                f"{k}_strict": mean([r.get(f"{k}_strict") for r in used])
+                for k in ("fine_detail", "coarse")
+            },
             "per_seed": {
                 str(r["seed"]): {
                     "fine_detail": r["fine_detail"],
@@ -198,6 +226,7 @@ def summarise(results: list[dict], args: argparse.Namespace, n_train: int) -> di
         "seeds_partial": sorted({r["seed"] for r in results} - set(complete)),
         "recipe": RECIPE,
         "train_samples_per_variant": args.samples,
+        "epochs": recipe_epochs(),
         "train_pool": n_train,
         "n_test": {"fine_detail": results[0]["n_fine_detail"], "coarse": results[0]["n_coarse"]}
         if results
@@ -212,8 +241,12 @@ def summarise(results: list[dict], args: argparse.Namespace, n_train: int) -> di
 
 
 def markdown(summary: dict) -> str:
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
     rows = "\n".join(
         f"| {name} | {100 * v['fine_detail']:.1f} | {100 * v['coarse']:.1f} | "
+        f"{pct(v.get('fine_detail_strict'))} / {pct(v.get('coarse_strict'))} | "
         + ", ".join(
             f"{s}: {100 * p['fine_detail']:.0f} / {100 * p['coarse']:.0f}"
             for s, p in v["per_seed"].items()
@@ -241,7 +274,7 @@ def markdown(summary: dict) -> str:
 
 `python -m training ablation --json` (code: `training/ablation.py`). The tiny recipe
 `{summary["recipe"]}` is trained from the same untrained tiny model (SmolLM2-135M + EfficientNet-Lite0,
-random calibrated projector) with the same budget ({summary["train_samples_per_variant"]} samples, one pass,
+random calibrated projector) with the same budget ({summary["train_samples_per_variant"]} samples x {summary.get("epochs", "?")} epochs,
 half fine-detail half coarse closed questions drawn from {summary["train_pool"]} offline-med TRAIN
 questions, same order for every variant) for each geometry; only `Geometry.levels` differs.
 As in the reproduction run, the tower and the LLM are frozen (CPU); the projector learns.
@@ -252,13 +285,17 @@ yes/no and choose-one-of-2) and {n.get("coarse", "?")} coarse ones (modality, bo
 window). Seeds averaged: {", ".join(map(str, summary["seeds"]))} (training order; the test questions
 are fixed){partial}.
 
-| levels | fine detail | coarse | per seed (fine / coarse) | train s |
-|---|---|---|---|---|
+| levels | fine detail | coarse | strict match (fine / coarse) | per seed (fine / coarse) | train s |
+|---|---|---|---|---|---|
 {rows}
 
 {verdict}
 
 ## Reading it
+- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
+  counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
+  the whole answer to be the option, which the frozen LLM rarely writes after this little
+  training, so it mostly measures answer format.
 - Chance is 50% on every fine-detail question (yes/no or one of two labels) and 33-50% on the
   coarse ones. With {n.get("fine_detail", "?")} fine-detail questions one standard error of an accuracy near
   50% is about {50 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points, so differences smaller than ~{100 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points are noise.
@@ -331,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     if args.report_only:
         found = sorted(args.output.glob("seed*/*/result.json"))
-        results = [json.loads(p.read_text()) for p in found]
+        results = [rescored(p, args.data) for p in found]
         write_docs(summarise(results, args, n_train), args.docs)
         print(json.dumps(summarise(results, args, n_train), indent=2))
         return 0

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from training.metrics import closed_accuracy, mean_token_f1
+from training.metrics import closed_accuracy, mean_token_f1, normalize_answer
 
 DEFAULT_DATA = Path("runs/offline-med")
 # Families the builder can emit (docs/offline-med.md); absent ones are reported with n = 0.
@@ -216,17 +216,39 @@ def generate(
     ).strip()
 
 
+def committed_answer(prediction: str, reference: str, options: list[str] | None) -> str:
+    """What a closed answer commits to: for a choose-one question, the one offered option the
+    prediction names (as whole words), so "The label says RC9." counts as "RC9"; a prediction
+    that names both options, or none, is left as is (and is wrong unless it equals the
+    reference). Yes/no questions keep metrics.closed_prediction's first yes/no word rule."""
+    if not options or normalize_answer(reference) in ("yes", "no"):
+        return prediction
+    padded = f" {normalize_answer(prediction)} "
+    named = [o for o in options if f" {normalize_answer(o)} " in padded]
+    return named[0] if len(named) == 1 else prediction
+
+
 def score(rows: list[dict]) -> dict:
-    """Overall and per-family closed accuracy and token F1 as fractions (None when undefined)."""
+    """Overall and per-family closed accuracy and token F1 as fractions (None when undefined).
+
+    `closed_accuracy` scores the option a closed answer commits to (`committed_answer`);
+    `closed_accuracy_strict` the whole normalised answer, as metrics.closed_accuracy does, so a
+    right option inside a sentence counts only in the first. Token F1 is on the raw answers.
+    """
 
     def frac(value: float) -> float | None:
         return None if value != value else round(value / 100.0, 4)  # NaN: no such questions
 
     def block(group: list[dict]) -> dict:
         closed = [r for r in group if r["answer_type"] == "closed"]
+        references = [r["reference"] for r in closed]
+        committed = [
+            committed_answer(r["prediction"], r["reference"], r.get("options")) for r in closed
+        ]
         return {
-            "closed_accuracy": frac(
-                closed_accuracy([r["prediction"] for r in closed], [r["reference"] for r in closed])
+            "closed_accuracy": frac(closed_accuracy(committed, references)),
+            "closed_accuracy_strict": frac(
+                closed_accuracy([r["prediction"] for r in closed], references)
             ),
             "token_f1": frac(
                 mean_token_f1([r["prediction"] for r in group], [r["reference"] for r in group])
@@ -239,6 +261,24 @@ def score(rows: list[dict]) -> dict:
     for family in sorted({r["family"] for r in rows} - set(FAMILIES)):
         by_family[family] = block([r for r in rows if r["family"] == family])
     return block(rows) | {"by_family": by_family}
+
+
+def with_options(rows: list[dict], data_dir: Path, split: str = "test") -> list[dict]:
+    """Attach each record's offered `options` (by id) to prediction rows written without them."""
+    options = {r["id"]: r.get("options") for r in load_split(data_dir, split)}
+    return [r | {"options": r.get("options", options.get(r["id"]))} for r in rows]
+
+
+def rescore(predictions_file: Path, data_dir: Path, split: str = "test") -> dict:
+    """Scores recomputed from a predictions JSONL (model and baselines), without any model."""
+    rows = [json.loads(line) for line in Path(predictions_file).read_text().splitlines() if line]
+    rows = with_options(rows, data_dir, split)
+    systems = {}
+    for row in rows:
+        systems.setdefault(row.get("system", "model"), []).append(row)
+    result = score(systems.pop("model"))
+    result["baselines"] = {name: score(group) for name, group in systems.items()}
+    return result
 
 
 def answer_all(
@@ -278,6 +318,7 @@ def answer_all(
                 "answer_type": record["answer_type"],
                 "question": question,
                 "reference": reference,
+                "options": record.get("options"),
                 "prediction": prediction,
             }
         )
