@@ -36,20 +36,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .timing import median_s
+
 PREPROCESS_SIZES = ((512, 512), (2000, 800), (4000, 3000))
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Model"
-
-
-def median_s(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

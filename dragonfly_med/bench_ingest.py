@@ -12,26 +12,18 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from dragonfly_med.ingest import load_image
+from dragonfly_med.timing import median_s
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return median_s(fn, repeats, warmup) * 1000.0
 
 
 def _corpus(name: str) -> str:
