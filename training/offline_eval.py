@@ -462,7 +462,7 @@ def table(result: dict) -> str:
     )
     for family, block in result["by_family"].items():
         lines.append(
-            f"| {family} ({block['n']}) | "
+            f"| {family} ({block['n']}, {block.get('n_closed', '?')} closed) | "
             + " | ".join(cell(s["by_family"][family]) for s in systems.values())
             + " |"
         )
