@@ -333,7 +333,10 @@ two unused single-token specials of SmolLM2's vocabulary, so no embedding row is
   effective sample size of about 4 images, not the number of questions.
 - `atlas_region` has no held-out data (train only); it is reported with n = 0.
 - Synthetic findings and fine details are drawn on real images; real lesions look different.
-- SmolLM2-135M is a very small language model: open answers are short and often generic.
+- SmolLM2-135M is a very small language model and it is frozen here: open answers and
+  descriptions are often generic or hallucinated (in the committed run, test descriptions
+  described "a woman with a scarf"), some answers come back empty, and closed answers are often
+  sentences rather than the option. Read `predictions.jsonl` of a run before trusting a score.
 """
 
 
