@@ -101,8 +101,15 @@ class UserSession:
         self.window: str | tuple[float, float] | None = None
         self.frame: int | None = None
         self.conversation = None
-        self.stop_event = threading.Event()
+        self.stop_event = threading.Event()  # the latest turn's (kept for callers that poll it)
         self.image_lock = threading.Lock()
+        # Stop and Clear reach turns the page asked for but whose event has not started yet
+        # (queued behind other users): each UI turn gets a ticket when its button is pressed.
+        self._tickets = threading.Lock()
+        self._requested = 0  # the last ticket handed out
+        self._stopped_upto = 0  # turns with tickets up to this one are stopped (pressed Stop)
+        self._cleared_upto = 0  # ... and their conversation is gone (Clear, new image)
+        self._running: set[threading.Event] = set()  # stop events of the turns now generating
         self.turn_ids: list[int] = []  # log id of each answer shown, in chat order
         self.log_id: str | None = None
         self.image_id: int | None = None
@@ -143,53 +150,92 @@ class UserSession:
     # ------------------------------------------------------------------ chat
 
     def clear(self) -> None:
-        """Forget the conversation (the image stays); the next question starts a new one."""
+        """Forget the conversation (the image stays); the next question starts a new one.
+
+        Turns asked for before are stopped, running or still queued, and marked cleared: the
+        page must not show their answers in the new conversation."""
+        with self._tickets:
+            self._cleared_upto = self._requested
         self.stop()
         self.conversation = None
         self.turn_ids = []
         self.last_question = None
 
-    def stop(self) -> None:
-        """Ask the running generation, if any, to end; the engine's thread checks this event."""
-        self.stop_event.set()
+    def request_turn(self) -> int:
+        """A ticket for a turn the page asks for now (Send, Regenerate); pass it to ask/regenerate."""
+        with self._tickets:
+            self._requested += 1
+            return self._requested
 
-    def ask(self, question: str, params: SamplingParams) -> Iterator[str]:
-        """Stream the answer to a new question; the turn is logged when it ends."""
+    def stop(self) -> None:
+        """End every generation of this session: the running ones (the engine's thread checks
+        their events between tokens, so the answer so far stays and the turn is logged as
+        stopped) and those asked for but not started yet (they end at once when they start)."""
+        with self._tickets:
+            self._stopped_upto = self._requested
+            for event in self._running:
+                event.set()
+            self.stop_event.set()
+
+    def stopped(self, ticket: int | None) -> bool:
+        """Whether Stop (or Clear) was pressed after the turn with this ticket was asked for."""
+        return ticket is not None and ticket <= self._stopped_upto
+
+    def cleared(self, ticket: int | None) -> bool:
+        """Whether the conversation of the turn with this ticket was cleared (Clear, new image)."""
+        return ticket is not None and ticket <= self._cleared_upto
+
+    def ask(self, question: str, params: SamplingParams, ticket: int | None = None) -> Iterator[str]:
+        """Stream the answer to a new question; the turn is logged when it ends.
+
+        A UI turn whose conversation was cleared while it waited in the queue never starts: it
+        must not reopen a conversation, become the question to regenerate or take an answer slot."""
+        if self.cleared(ticket):
+            return nothing()
         if self.conversation is None:
             image = self.view.loaded.image if self.view else None
             self.conversation = self.services.engine.new_conversation(image)
         conversation, self.last_question = self.conversation, question
-        return self._turn(question, params, conversation, lambda stop: conversation.stream(question, params, stop))
+        return self._turn(question, params, conversation, lambda stop: conversation.stream(question, params, stop), ticket)
 
-    def regenerate(self, params: SamplingParams) -> Iterator[str]:
+    def regenerate(self, params: SamplingParams, ticket: int | None = None) -> Iterator[str]:
         """Stream a new answer to the last question (the engine drops the old one first)."""
+        if self.cleared(ticket):
+            return nothing()
         if self.conversation is None or self.last_question is None:
             raise LookupError("nothing to regenerate yet")
         if self.turn_ids:
             self.turn_ids.pop()
         question, conversation = self.last_question, self.conversation
         if conversation.history and conversation.history[-1][0] == question:
-            return self._turn(question, params, conversation, lambda stop: conversation.regenerate(params, stop))
-        # the last answer was cancelled before the engine recorded it: ask the question again
-        return self._turn(question, params, conversation, lambda stop: conversation.stream(question, params, stop))
+            return self._turn(question, params, conversation, lambda stop: conversation.regenerate(params, stop), ticket)
+        # the last answer was stopped before the engine recorded it: ask the question again
+        return self._turn(question, params, conversation, lambda stop: conversation.stream(question, params, stop), ticket)
 
-    def _turn(self, question: str, params: SamplingParams, conversation, start) -> Iterator[str]:
+    def _turn(self, question: str, params: SamplingParams, conversation, start, ticket: int | None) -> Iterator[str]:
         """Run one generation; log it however it ends (done, stopped, failed or cancelled).
 
         The image and the list of answers are captured first: loading a new image mid-answer
         stops this turn, which is still logged against the image it was about and never lands
-        among the new conversation's answers (whose thumbs must map to their own turns).
+        among the new conversation's answers (whose thumbs must map to their own turns). A turn
+        stopped before it started (queued when Stop was pressed) is logged as stopped, empty,
+        without running the model.
         """
-        self.stop_event = stop = threading.Event()
+        with self._tickets:
+            self.stop_event = stop = threading.Event()
+            if self.stopped(ticket):
+                stop.set()
+            self._running.add(stop)
         image_id, turn_ids = self.image_id, self.turn_ids
         started, answer, stats, error, stream = utcnow(), "", None, None, None
         try:
-            stream = start(stop)
-            for answer in stream:
-                yield answer
-            stats = conversation.last_stats
-            if stats.status == "error":
-                yield error_message(stats.error)
+            if not stop.is_set():
+                stream = start(stop)
+                for answer in stream:
+                    yield answer
+                stats = conversation.last_stats
+                if stats.status == "error":
+                    yield error_message(stats.error)
         except Exception as exc:  # a generation error is shown in the chat; the session goes on
             error = f"{type(exc).__name__}: {exc}"
             yield error_message(error)
@@ -197,6 +243,8 @@ class UserSession:
             stop.set()  # a closed (cancelled) generator must not leave the model thread running
             if stream is not None:
                 stream.close()
+            with self._tickets:
+                self._running.discard(stop)
             record = turn_record(question, answer, params, started, stats, error)
             turn_ids.append(self.services.log.add_turn(self._log_session(), image_id, record))
 
@@ -221,6 +269,11 @@ class UserSession:
         if self.log_id is not None:
             self.services.log.end_session(self.log_id)
         self.source = self.view = self.conversation = None
+
+
+def nothing() -> Iterator[str]:
+    """A stream with no answer (closable like every other stream)."""
+    yield from ()
 
 
 def turn_record(question: str, answer: str, params: SamplingParams, started, stats, error: str | None) -> TurnRecord:

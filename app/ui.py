@@ -171,38 +171,73 @@ class Page:
 
     # ------------------------------------------------------------------ chat handlers
 
-    def respond(self, message: str, history: list, temperature: float, top_p: float, max_new_tokens: int,
-                state: UserSession | None, request: gr.Request):
-        """Stream the answer into the chat, token by token."""
+    def on_send(self, message: str, state: UserSession | None, request: gr.Request) -> tuple:
+        """Send/Enter, at once (not queued behind the model): take the question off the box and
+        give the turn a ticket, so that Stop or Clear pressed while it waits in the queue reach it."""
         session = self.session(state, request)
         if not message or not message.strip():
-            yield history, "", session
+            return None, message, session
+        return (session.request_turn(), message), "", session
+
+    def on_regenerate(self, state: UserSession | None, request: gr.Request) -> tuple:
+        """Regenerate, at once: stop the answer being generated (if any), then queue a new one."""
+        session = self.session(state, request)
+        session.stop()
+        return (session.request_turn(), None), session
+
+    def respond(self, ticket: tuple | None, history: list, temperature: float, top_p: float, max_new_tokens: int,
+                state: UserSession | None, request: gr.Request):
+        """Stream the answer into the chat, token by token; Stop ends it with the answer so far."""
+        session = self.session(state, request)
+        if ticket is None:
+            yield history, session
             return
+        number, message = ticket
         # Shown with the first token (or the empty answer), i.e. once the turn exists: every
         # answer on the page then has its row in the log, which thumbs up/down rely on.
         history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         shown = False
-        with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens))) as stream:
+        with contextlib.closing(session.ask(message, params(temperature, top_p, max_new_tokens), number)) as stream:
             for answer in stream:
+                if session.cleared(number):  # stopped too: it ends by itself, logged with its stats
+                    continue
                 history[-1], shown = {"role": "assistant", "content": answer}, True
-                yield history, "", session
-        if not shown:
-            yield history, "", session
+                yield history, session
+        if session.cleared(number):  # Clear or a new image: this conversation is gone from the page
+            yield [], session
+        elif not shown:
+            yield history, session
 
-    def regenerate(self, history: list, temperature: float, top_p: float, max_new_tokens: int,
+    def regenerate(self, ticket: tuple | None, history: list, temperature: float, top_p: float, max_new_tokens: int,
                    state: UserSession | None, request: gr.Request):
+        """A new answer to the last question, in place of the one shown (or stopped) last."""
         session = self.session(state, request)
-        if not history or session.last_question is None:
+        number = ticket[0] if ticket else None
+        if session.cleared(number):  # Clear (or a new image) while it waited in the queue
+            yield [], session
+            return
+        if number is None or session.last_question is None:
             gr.Warning("Nothing to regenerate yet: ask a question first.")
             yield history, session
             return
-        history = list(history)
-        with contextlib.closing(session.regenerate(params(temperature, top_p, max_new_tokens))) as stream:
+        # the page's history was read when Regenerate was pressed: the answer it stopped may not
+        # have been shown yet, so the last question is put back from the session if need be
+        history = [*through_last_question(history, session.last_question), {"role": "assistant", "content": ""}]
+        shown = False
+        with contextlib.closing(session.regenerate(params(temperature, top_p, max_new_tokens), number)) as stream:
             for answer in stream:
-                history[-1] = {"role": "assistant", "content": answer}
+                if session.cleared(number):  # stopped too: it ends by itself, logged with its stats
+                    continue
+                history[-1], shown = {"role": "assistant", "content": answer}, True
                 yield history, session
+        if session.cleared(number):
+            yield [], session
+        elif not shown:
+            yield history, session
 
     def on_stop(self, state: UserSession | None) -> None:
+        """Stop: the generation ends by itself (the partial answer stays, the turn is logged as
+        stopped). Not Gradio's `cancels=`, which kills the event and leaves an Error badge."""
         if state is not None:
             state.stop()
 
@@ -278,6 +313,7 @@ class Page:
         # files older than 15 min are removed from Gradio's cache every 5 min
         with gr.Blocks(title="Dragonfly-Med Studio", delete_cache=(300, 900)) as demo:
             self.state = gr.State(None, delete_callback=close_state)
+            self.ticket = gr.State(None)  # (ticket, question) of the turn the page asked for last
             gr.Markdown(f"# Dragonfly-Med Studio\n**Model:** `{model_id}`\n\n{NOTICE}", elem_id="header")
             with gr.Tab("Studio"):
                 with gr.Row(equal_height=False):
@@ -365,11 +401,16 @@ class Page:
 
         sampling = [self.temperature, self.top_p, self.max_new_tokens]
         model = {"concurrency_id": MODEL_GROUP, "concurrency_limit": self.concurrency, **hidden}
-        chat_in, chat_out = [self.message, self.chatbot, *sampling, self.state], [self.chatbot, self.message, self.state]
-        sent = self.send.click(self.respond, chat_in, chat_out, **model)
-        submitted = self.message.submit(self.respond, chat_in, chat_out, **model)
-        regenerated = self.regen.click(self.regenerate, [self.chatbot, *sampling, self.state], [self.chatbot, self.state], **model)
-        self.stop.click(self.on_stop, [self.state], None, cancels=[sent, submitted, regenerated], **hidden)
+        # Each turn is two events: a quick one at once (ticket), then the generation in the model
+        # group. Stop only sets the session's stop flags: the generator then ends by itself.
+        quick = {"queue": False, "show_progress": "hidden", **hidden}
+        chat_in, chat_out = [self.ticket, self.chatbot, *sampling, self.state], [self.chatbot, self.state]
+        for trigger in (self.send.click, self.message.submit):
+            trigger(self.on_send, [self.message, self.state], [self.ticket, self.message, self.state], **quick
+                    ).then(self.respond, chat_in, chat_out, **model)
+        self.regen.click(self.on_regenerate, [self.state], [self.ticket, self.state], **quick
+                         ).then(self.regenerate, chat_in, chat_out, **model)
+        self.stop.click(self.on_stop, [self.state], None, **quick)
         self.clear.click(self.on_clear, [self.state], [self.chatbot, self.state], **hidden)
         self.chatbot.like(self.on_like, [self.chatbot, self.state], None, **hidden)
 
@@ -380,6 +421,22 @@ class Page:
         self.api_load.click(self.api_load_image, [self.api_file, self.state], [self.api_info, self.state], api_name="load_image")
         self.api_ask.click(self.api_send, [self.api_message, *sampling, self.state], [self.api_answer, self.state],
                            api_name="send", concurrency_id=MODEL_GROUP, concurrency_limit=self.concurrency)
+
+
+def message_text(message: dict) -> str:
+    """A chat message's text: Gradio hands back content as a string or a list of parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+
+
+def through_last_question(history: list, question: str) -> list:
+    """The chat up to and including the last question; that question is appended if missing."""
+    users = [i for i, m in enumerate(history) if m.get("role") == "user"]
+    if users and message_text(history[users[-1]]) == question:
+        return list(history[: users[-1] + 1])
+    return [*history, {"role": "user", "content": question}]
 
 
 def params(temperature: float, top_p: float, max_new_tokens: float) -> SamplingParams:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -14,7 +15,7 @@ from pydicom.data import get_testdata_files
 from app.log import SessionLog
 from app.session import Services, UserSession
 from app.ui import Page
-from dragonfly_med.chat import ChatEngine, SamplingParams
+from dragonfly_med.chat import WORKER_NAME, ChatEngine, SamplingParams
 from dragonfly_med.ingest import IngestError, IngestLimits
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -97,6 +98,65 @@ def test_closed_generator_is_logged_as_stopped(services: Services) -> None:
     assert list(session.regenerate(QUICK))[-1]  # the engine is free again and asks the same question
     assert session.conversation.history[-1][0] == "Count from 1 to 1000, separated by commas."
     assert rows(services, "SELECT status FROM turns ORDER BY id") == [("stopped",), ("ok",)] and len(session.turn_ids) == 1
+
+
+def test_stop_ends_the_stream_by_itself_and_keeps_the_answer(services: Services) -> None:
+    """What the Stop button does: the generator is not killed, it ends by itself, stopped."""
+    session = services.session_for("page-8", None)
+    page = Page(services, max_upload_mb=10, concurrency=1)
+    page.build()
+    ticket, box, _ = page.on_send("Count from 1 to 1000, separated by commas.", None, gr.Request(session_hash="page-8"))
+    assert box == "" and ticket[1].startswith("Count")
+    updates = page.respond(ticket, [], 0.0, 1.0, 500, session, gr.Request(session_hash="page-8"))
+    first = next(updates)[0][-1]["content"]
+    page.on_stop(session)
+    last = [u[0] for u in updates][-1]  # the generator finishes on its own
+    worker_threads = [t for t in threading.enumerate() if t.name == WORKER_NAME]
+    assert not worker_threads, "the model thread kept running after Stop"
+    assert last[-1]["role"] == "assistant" and last[-1]["content"].startswith(first)
+    assert rows(services, "SELECT status, new_tokens < 500 FROM turns") == [("stopped", 1)]
+    assert session.feedback(0, liked=True)  # the stopped answer can be liked ...
+    again = list(page.regenerate(page.on_regenerate(session, gr.Request(session_hash="page-8"))[0],
+                                 last, 0.0, 1.0, 6, session, gr.Request(session_hash="page-8")))
+    assert again[-1][0][-2]["content"].startswith("Count") and len(again[-1][0]) == 2  # ... and regenerated in place
+    assert rows(services, "SELECT status FROM turns ORDER BY id") == [("stopped",), ("ok",)]
+
+
+def test_regenerate_during_streaming_stops_the_answer_first(services: Services) -> None:
+    session = services.session_for("page-10", None)
+    page = Page(services, max_upload_mb=10, concurrency=1)
+    page.build()
+    request = gr.Request(session_hash="page-10")
+    ticket = page.on_send("Count from 1 to 1000, separated by commas.", session, request)[0]
+    running = page.respond(ticket, [], 0.0, 1.0, 500, session, request)
+    shown = next(running)[0]
+    again = page.on_regenerate(session, request)[0]  # pressed while the answer streams
+    shown = [u[0] for u in running][-1]  # the first answer ends, stopped
+    new = list(page.regenerate(again, shown, 0.0, 1.0, 6, session, request))[-1][0]
+    assert [m["role"] for m in new] == ["user", "assistant"] and new[0]["content"].startswith("Count")
+    assert rows(services, "SELECT status FROM turns ORDER BY id") == [("stopped",), ("ok",)]
+
+
+def test_stop_and_clear_reach_turns_still_queued(services: Services) -> None:
+    session = services.session_for("page-9", None)
+    queued = session.request_turn()  # Send pressed, the event waits behind another user's turn
+    session.stop()
+    later = session.request_turn()  # a question asked after Stop is not stopped
+    assert session.stopped(queued) and not session.stopped(later) and not session.cleared(queued)
+    assert list(session.ask("Hello?", QUICK, queued)) == []  # ends at once, the model is not run
+    assert session.conversation.history == []
+    assert list(session.ask("Hello again?", QUICK, later))[-1]
+    assert rows(services, "SELECT status, answer FROM turns ORDER BY id")[0] == ("stopped", "")
+    page = Page(services, max_upload_mb=10, concurrency=1)
+    page.build()
+    ticket = (session.request_turn(), "And now?")
+    page.on_clear(session, gr.Request(session_hash="page-9"))
+    assert session.cleared(ticket[0])
+    shown = list(page.respond(ticket, [{"role": "user", "content": "Hello again?"}], 0.0, 1.0, 6, session,
+                              gr.Request(session_hash="page-9")))
+    assert shown[-1][0] == []  # a cleared chat stays empty ...
+    assert session.conversation is None and session.last_question is None and session.turn_ids == []
+    assert len(rows(services, "SELECT id FROM turns")) == 2  # ... and the cleared question never ran
 
 
 def test_history_lists_exports_and_filters_by_user(services: Services) -> None:
