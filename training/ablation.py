@@ -305,8 +305,10 @@ are fixed){partial}.
   learns answer formats and priors. Treat this table as a working harness and a first data
   point, not as a replication or a refutation of tables 1 and 3. A GPU run with
   `--samples 2000 --seeds 0,1,2` is the same command.
-- Paper (table 1, CLIP ViT-L, full training): zooming in (high resolution crops) helps
-  fine-grained benchmarks most, while coarse benchmarks change little.
+- Paper, table 1 (Llama-3.1-8B + CLIP ViT-L/14, 700K instruction samples, whole model tuned):
+  fine-grained benchmarks gain most from zooming in, TextVQA 40.0 (L) -> 66.5 (L+M+H) and
+  ChartQA 21.6 -> 56.2, coarser ones a few points, ScienceQA 76.0 -> 79.7 and AI2D 60.6 -> 64.2;
+  table 3 shows that most of the gain comes from featurising sub-crops at all.
 """
 
 
