@@ -278,6 +278,9 @@ random calibrated projector) with the same budget ({summary["train_samples_per_v
 half fine-detail half coarse closed questions drawn from {summary["train_pool"]} offline-med TRAIN
 questions, same order for every variant) for each geometry; only `Geometry.levels` differs.
 As in the reproduction run, the tower and the LLM are frozen (CPU); the projector learns.
+Each (variant, seed) result and its predictions are cached under `runs/ablation/seedS/VARIANT/`;
+`python -m training ablation --report-only` rebuilds this page from all cached seeds (seeds can
+run in separate processes: `--seeds 2`).
 
 Scores: closed accuracy (%) on held-out TEST questions, the same ones for every variant:
 {n.get("fine_detail", "?")} fine-detail questions (a 4-5 px dot or an ~8 px label on a 1344-1792 px canvas:
