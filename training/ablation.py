@@ -264,6 +264,19 @@ def markdown(summary: dict) -> str:
             f"questions. Target (>= +10 on fine detail, within 2 on coarse): **{'met' if met else 'not met'}**."
         )
     n = summary["n_test"]
+    v = summary["variants"]
+    high_note = ""
+    if all(k in v for k in VARIANTS):
+        with_h = (v["L+H"]["coarse"] + v["L+M+H"]["coarse"]) / 2
+        without_h = (v["L"]["coarse"] + v["L+M"]["coarse"]) / 2
+        if with_h < without_h - 0.05:
+            high_note = (
+                f"- Adding the 36 high crops (144 visual tokens + 36 separators) LOWERED coarse "
+                f"accuracy here ({100 * without_h:.0f}% without vs {100 * with_h:.0f}% with, mean of "
+                "two variants each): with this little training the projector's extra tokens act as "
+                "noise for the frozen LLM rather than as detail. The paper's models were trained "
+                "end to end on 700K samples.\n"
+            )
     partial = ""
     if summary.get("seeds_partial"):
         cut = ", ".join(map(str, summary["seeds_partial"]))
@@ -295,7 +308,7 @@ are fixed){partial}.
 {verdict}
 
 ## Reading it
-- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
+{high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
   counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
   the whole answer to be the option, which the frozen LLM rarely writes after this little
   training, so it mostly measures answer format.
