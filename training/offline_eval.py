@@ -354,7 +354,7 @@ def evaluate_offline_med(
     data_dir: str | Path = DEFAULT_DATA,
     *,
     split: str = "test",
-    per_family: int | None = 12,
+    per_family: int | None = 8,
     families: tuple[str, ...] | None = None,
     baselines: tuple[str, ...] = BASELINES,
     max_new_tokens: int = 64,
@@ -482,7 +482,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument(
-        "--per-family", type=int, default=12, help="questions per family (CPU time); 0 = all"
+        "--per-family",
+        type=int,
+        default=8,
+        help="questions per family (CPU time; 8 = the model card); 0 = all",
     )
     parser.add_argument(
         "--baselines", default=",".join(BASELINES), help="comma-separated; '' for none"
