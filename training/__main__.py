@@ -18,6 +18,7 @@ COMMANDS = {
     "check": ("training.check", "report missing images, empty answers and over-long samples"),
     "zoom-stats": ("training.zoom_stats", "CDF of zoom ratios over a dataset (paper figure 4)"),
     "eval": ("training.evaluate", "score a model on a biomedical benchmark (paper tables 5 and 6)"),
+    "build-offline-med": ("training.offline_med", "build the offline medical VQA set (docs/offline-med.md)"),
     "reproduce-tiny": ("training.reproduce", "data -> tiny-med-stage1..3 -> eval -> assets/tiny/"),
     "ablation": ("training.ablation", "zoom-in ablation L / L+M / L+H / L+M+H (docs/ablation.*)"),
 }

@@ -376,9 +376,10 @@ def test_questions(data_dir: Path, fine: int, coarse_per_family: int) -> list[di
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.offline_eval import FeatureCache, ensure_data
+    from training.offline_eval import FeatureCache
+    from training.offline_med import ensure_built
 
-    ensure_data(args.data)
+    ensure_built(args.data)
     files = write_train_files(args.data)
     n_train = sum(1 for f in files for _ in (args.data / f).open())
     records = test_questions(args.data, args.fine, args.coarse_per_family)

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from training.metrics import closed_accuracy, mean_token_f1, normalize_answer
+from training.offline_med import ensure_built
 
 DEFAULT_DATA = Path("runs/offline-med")
 # Families the builder can emit (docs/offline-med.md); absent ones are reported with n = 0.
@@ -420,30 +421,6 @@ def evaluate_offline_med(
     return result
 
 
-def ensure_data(data_dir: Path, scale: str = "full", seed: int = 0) -> None:
-    """Build the offline-med set when it is missing (~1.5 min at full scale), so `eval` works on
-    a fresh clone."""
-    if (data_dir / "test.jsonl").is_file():
-        return
-    import subprocess
-
-    print(f"[offline-eval] building offline-med ({scale}) into {data_dir}", file=sys.stderr)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.offline_med",
-            "--out",
-            str(data_dir),
-            "--scale",
-            scale,
-            "--seed",
-            str(seed),
-        ],
-        check=True,
-    )
-
-
 def table(result: dict) -> str:
     """A Markdown table: the model and each baseline, overall and per family (closed acc / F1)."""
     systems = {"model": result} | result.get("baselines", {})
@@ -507,7 +484,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dragonfly_med.loading import load_model
 
-    ensure_data(args.data)
+    ensure_built(args.data)
     model, processor = load_model(args.model, dtype=torch.float32, device_map="cpu")
     result = evaluate_offline_med(
         model,

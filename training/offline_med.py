@@ -160,6 +160,16 @@ def build(out: Path, seed: int = 0, scale_name: str = "full") -> dict:
     return manifest
 
 
+def ensure_built(out: Path, seed: int = 0, scale_name: str = "full") -> None:
+    """Build the set into `out` unless a finished build is there (its manifest is written last),
+    so that eval, reproduce-tiny and the ablation work on a fresh clone and reuse each other's data."""
+    if (out / "manifest.json").is_file():
+        print(f"[offline-med] reusing {out}", file=sys.stderr)
+        return
+    print(f"[offline-med] building ({scale_name}, seed {seed}) into {out}", file=sys.stderr)
+    print(count_table(build(out, seed, scale_name)), file=sys.stderr)
+
+
 def count_table(manifest: dict) -> str:
     """Samples per family (rows) and split (columns), as printed after a build."""
     families = sorted({f for split in SPLITS for f in manifest["counts"].get(split, {})})

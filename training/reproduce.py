@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from training.offline_med import ensure_built
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 SINGLE_TURN_FILE = "train-single-turn.jsonl"
@@ -98,27 +99,6 @@ def write_single_turn(data_dir: Path) -> Path:
         keep = [r for r in rows if len(r["conversations"]) == 2 and r["family"] != "description"]
         target.write_text("".join(json.dumps(r) + "\n" for r in keep))
     return target
-
-
-def build_data(data_dir: Path, scale: str, seed: int) -> None:
-    if (data_dir / "manifest.json").is_file():
-        print(f"[reproduce] data: reusing {data_dir}")
-        return
-    print(f"[reproduce] data: building offline-med ({scale}, seed {seed}) into {data_dir}")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.offline_med",
-            "--out",
-            str(data_dir),
-            "--scale",
-            scale,
-            "--seed",
-            str(seed),
-        ],
-        check=True,
-    )
 
 
 def run_stages(
@@ -374,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    build_data(args.data, args.scale, args.data_seed)
+    ensure_built(args.data, args.data_seed, args.scale)
     write_single_turn(args.data)
     final, log = run_stages(BUDGETS[args.budget], args.data, args.output)
     projector = export_projector(Path(final), args.assets / "projector.safetensors")
