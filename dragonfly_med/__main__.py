@@ -6,6 +6,7 @@ imported only when used so that `plan` and `inspect` start without torch.
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     command_parser = argparse.ArgumentParser(prog=f"python -m dragonfly_med {args.command}")
     module.add_arguments(command_parser)
-    return module.run(command_parser.parse_args(rest))
+    try:
+        return module.run(command_parser.parse_args(rest))
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
