@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.offline_med import add_data_argument, ensure_built
+
 VARIANTS: dict[str, tuple[str, ...]] = {
     "L": ("low",),
     "L+M": ("low", "medium"),
@@ -335,12 +337,7 @@ def write_docs(summary: dict, docs: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path("runs/offline-med"),
-        help="offline-med folder (built if missing)",
-    )
+    add_data_argument(parser)
     parser.add_argument(
         "--output",
         type=Path,
@@ -377,7 +374,6 @@ def test_questions(data_dir: Path, fine: int, coarse_per_family: int) -> list[di
 
 def run(args: argparse.Namespace) -> int:
     from training.offline_eval import FeatureCache
-    from training.offline_med import ensure_built
 
     ensure_built(args.data)
     files = write_train_files(args.data)
@@ -406,10 +402,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2) if args.json else markdown(summary))
     return 0
 
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(
-        prog="python -m training ablation", description=__doc__.splitlines()[0]
-    )
-    add_arguments(cli)
-    sys.exit(run(cli.parse_args()))

@@ -1,7 +1,7 @@
 """Score a model on the offline-med test split, next to two baselines measured in the same run.
 
     python -m training eval --benchmark offline-med --model tiny --json        # via training/evaluate.py
-    python -m training.offline_eval --model runs/x/final --data runs/offline-med --json
+    python -m training eval --benchmark offline-med --model runs/x/final --data runs/offline-med --json
 
 Metrics are the paper's VQA metrics (training/metrics.py): closed-question accuracy (exact
 normalised match; yes/no answers by their first yes/no word) and token F1 over all questions,
@@ -33,9 +33,8 @@ import torch
 from PIL import Image
 
 from training.metrics import closed_accuracy, mean_token_f1, normalize_answer
-from training.offline_med import ensure_built
+from training.offline_med import DEFAULT_DATA, add_data_argument, ensure_built
 
-DEFAULT_DATA = Path("runs/offline-med")
 # Families the builder can emit (docs/offline-med.md); absent ones are reported with n = 0.
 FAMILIES = (
     "modality",
@@ -60,7 +59,7 @@ def load_split(data_dir: Path, split: str = "test") -> list[dict]:
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found; build the data with `python -m training.offline_med --out {data_dir}`"
+            f"{path} not found; build the data with `python -m training build-offline-med --out {data_dir}`"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if len(r["conversations"]) == 2]
@@ -454,9 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="tiny", help="'tiny', a model directory or a run's final folder"
     )
-    parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="offline-med folder (built if missing)"
-    )
+    add_data_argument(parser)
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument(
         "--per-family",
@@ -501,10 +498,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
 
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(
-        prog="python -m training.offline_eval", description=__doc__.splitlines()[0]
-    )
-    add_arguments(cli)
-    sys.exit(run(cli.parse_args()))

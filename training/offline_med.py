@@ -160,6 +160,14 @@ def build(out: Path, seed: int = 0, scale_name: str = "full") -> dict:
     return manifest
 
 
+DEFAULT_DATA = Path("runs/offline-med")
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """`--data`, shared by eval, reproduce-tiny and the ablation: they reuse one built set."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="offline-med folder (built if missing)")
+
+
 def ensure_built(out: Path, seed: int = 0, scale_name: str = "full") -> None:
     """Build the set into `out` unless a finished build is there (its manifest is written last),
     so that eval, reproduce-tiny and the ablation work on a fresh clone and reuse each other's data."""
@@ -196,8 +204,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} in {manifest['seconds']} s")
     return 0 if any(manifest["counts"][s] for s in SPLITS) else 1
 
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m training.offline_med", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))

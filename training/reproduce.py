@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.offline_med import ensure_built
+from training.offline_med import add_data_argument, ensure_built
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 SINGLE_TURN_FILE = "train-single-turn.jsonl"
@@ -282,7 +281,7 @@ Targets of issue 6: {targets(result)}
 
 {table(result)}
 Regenerate: `python -m training eval --benchmark offline-med --model tiny --json` (or
-`python -m training.offline_eval --model tiny --json`).
+`python -m training eval --benchmark offline-med --model tiny --json`).
 
 ## What it is
 | part | source | licence | trained here |
@@ -321,12 +320,7 @@ two unused single-token specials of SmolLM2's vocabulary, so no embedding row is
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path("runs/offline-med"),
-        help="offline-med folder (built if missing)",
-    )
+    add_data_argument(parser)
     parser.add_argument(
         "--scale", default="full", choices=["small", "full"], help="data scale when building"
     )
@@ -410,10 +404,3 @@ def evaluate_shipped(args: argparse.Namespace, projector: Path) -> dict:
     cached.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(
-        prog="python -m training reproduce-tiny", description=__doc__.splitlines()[0]
-    )
-    add_arguments(cli)
-    sys.exit(run(cli.parse_args()))
