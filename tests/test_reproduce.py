@@ -1,5 +1,5 @@
 """reproduce-tiny and the ablation: recipe overrides resolve, stages chain and resume by skipping
-finished ones, the projector export loads into the tiny model's projector, the ablation's variant
+finished ones, the exported projector and LoRA adapters have the shapes and dtype the tiny model loads, the ablation's variant
 folders differ only in geometry levels, and its summary has the documented keys."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 from argparse import Namespace
 
 import pytest
+import torch
 from offline_med_fake import random_model_dir, write_fake_offline_med
 from safetensors.torch import load_file
 
@@ -16,6 +17,8 @@ from training.offline_eval import score
 from training.recipe import load_recipe
 from training.reproduce import (
     BUDGETS,
+    LORA_RANK,
+    export_adapters,
     export_projector,
     model_card,
     run_stages,
@@ -29,18 +32,22 @@ def data_dir(tmp_path_factory):
     return write_fake_offline_med(tmp_path_factory.mktemp("offline-med"))
 
 
-def test_overrides_resolve_to_projector_only_recipes(data_dir):
-    for plan in BUDGETS["cpu"]:
+def test_overrides_freeze_the_tower_and_give_the_llm_adapters(data_dir):
+    for index, plan in enumerate(BUDGETS["cpu"], start=1):
         recipe = load_recipe(plan.recipe, stage_overrides(plan, "tiny", data_dir, seed=3))
+        trains_llm = index > 1  # the recipes: stage 1 aligns the projector, 2-3 train the LLM
         assert (recipe.tune.projector, recipe.tune.vision_encoder, recipe.tune.llm) == (
             True,
             False,
-            False,
+            trains_llm,
         )
+        assert recipe.lora_rank == (LORA_RANK if trains_llm else 0)
         assert (
             recipe.init_from == "tiny"
             and recipe.seed == 3
             and recipe.gradient_checkpointing is False
+            and recipe.mixed_precision == "bf16"
+            and recipe.epochs == 1
         )
         assert [(d.path, d.count, d.image_root) for d in recipe.datasets] == [
             (plan.data, plan.count, ".")
@@ -55,7 +62,7 @@ def test_single_turn_file_drops_descriptions_and_chats(data_dir):
     assert rows and all(len(r["conversations"]) == 2 and r["family"] != "description" for r in rows)
 
 
-def test_stages_chain_skip_when_done_and_export_the_projector(data_dir, tmp_path):
+def test_stages_chain_skip_when_done_and_export_the_assets(data_dir, tmp_path):
     init = random_model_dir(tmp_path / "init")
     final, log = run_stages(BUDGETS["smoke"], data_dir, tmp_path / "run", init=str(init))
     assert final.endswith("stage3/final") and [e["recipe"] for e in log] == [
@@ -69,19 +76,23 @@ def test_stages_chain_skip_when_done_and_export_the_projector(data_dir, tmp_path
     assert again[2]["resolved"]["tune"] == {
         "projector": True,
         "vision_encoder": False,
-        "llm": False,
+        "llm": True,
     }
     rows = [{"family": "modality", "answer_type": "closed", "reference": "CT", "prediction": "CT"}]
     scores = score(rows) | {"seed": 0}
     result = scores | {"baselines": {"no_image": score(rows), "untrained_projector": score(rows)}}
     card = model_card(result, again, "smoke", data_dir, 60.0)
-    assert "| 3 | `tiny-med-stage3` | 2 x 2 epochs |" in card and "**100.0%**" in card
+    assert "| 3 | `tiny-med-stage3` | 2 x 1 epochs |" in card and "**100.0%**" in card
     projector = load_file(
         export_projector(
             tmp_path / "run" / "stage3" / "final", tmp_path / "assets" / "projector.safetensors"
         )
     )
     assert set(projector) == {"weight", "bias"} and projector["weight"].shape == (32, 32)
+    shipped = export_adapters(tmp_path / "run" / "stage3" / "final", tmp_path / "assets" / "lora.safetensors")
+    adapters = load_file(shipped)
+    assert {t.dtype for t in adapters.values()} == {torch.float16}
+    assert {t.shape[0] for k, t in adapters.items() if k.endswith("lora_A")} == {2 * LORA_RANK}
 
 
 def test_ablation_variants_differ_only_in_levels(tmp_path):

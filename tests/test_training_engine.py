@@ -153,6 +153,45 @@ def test_resume_reproduces_the_uninterrupted_run(random_model_dir, tmp_path):
     assert rows == ["main", "main", "tiny-text", "main"]
 
 
+def test_cached_tower_features_train_exactly_like_pixels(random_model_dir, tmp_path):
+    """A frozen tower's features come from the on-disk cache: same losses, same projector."""
+    common = ("max_steps=3", "tune.vision_encoder=false")
+    cached = run("tiny-general-stage1", random_model_dir, tmp_path / "cached", *common)
+    pixels = run("tiny-general-stage1", random_model_dir, tmp_path / "pixels", *common, "cache_vision_features=false")
+    for step, loss in pixels["losses"].items():
+        assert cached["losses"][step] == pytest.approx(loss, rel=1e-5)
+    a = load_model(tmp_path / "cached" / "final", dtype=torch.float32)[0].vision_embed_tokens.weight
+    b = load_model(tmp_path / "pixels" / "final", dtype=torch.float32)[0].vision_embed_tokens.weight
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def llm_weights(folder):
+    return load_model(folder, dtype=torch.float32)[0].language_model
+
+
+def test_lora_stages_chain_adapters_that_rebuild_the_trained_llm(random_model_dir, tmp_path):
+    """LoRA trains adapters, final/ holds the merged LLM, and final/lora.safetensors (every LoRA
+    stage's adapters, chained; carried through stages that leave the LLM alone) rebuilds it
+    from the starting LLM: what the tiny assets ship."""
+    from dragonfly_med.lora import ADAPTER_FILE, apply_adapters, load_adapters
+
+    lora = ("max_steps=2", "tune.vision_encoder=false", "lora_rank=2", "lora_alpha=4", "learning_rate=1e-2")
+    summary = run("tiny-med-stage2", random_model_dir, tmp_path / "s2", *lora)
+    assert 0 < summary["trainable_parameters"]["llm"] < 10_000  # adapters only
+    run("tiny-med-stage3", tmp_path / "s2" / "final", tmp_path / "s3", *lora)
+    run("tiny-med-stage1", tmp_path / "s3" / "final", tmp_path / "s4", "max_steps=1", "tune.vision_encoder=false")
+    chain = load_adapters(tmp_path / "s4" / "final" / ADAPTER_FILE)
+    assert {t.shape[0] for k, t in chain.items() if k.endswith("lora_A")} == {4}  # 2 stages x rank 2
+    trained, rebuilt = llm_weights(tmp_path / "s3" / "final"), llm_weights(random_model_dir)
+    initial = llm_weights(random_model_dir).state_dict()
+    apply_adapters(rebuilt, chain)
+    changed = 0
+    for (name, a), (_, b) in zip(trained.state_dict().items(), rebuilt.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        changed += not torch.equal(a, initial[name])
+    assert changed == 7 * 2  # every projection of both layers moved; embeddings and norms did not
+
+
 @pytest.mark.slow
 def test_tiny_default_trains_two_steps_and_loads(tmp_path, capsys):
     from training.__main__ import main

@@ -373,13 +373,13 @@ def test_questions(data_dir: Path, fine: int, coarse_per_family: int) -> list[di
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.offline_eval import FeatureCache
+    from training.feature_cache import FeatureCache, default_cache_dir
 
     ensure_built(args.data)
     files = write_train_files(args.data)
     n_train = sum(1 for f in files for _ in (args.data / f).open())
     records = test_questions(args.data, args.fine, args.coarse_per_family)
-    cache = FeatureCache()  # the tower is frozen and shared: one pass over the test images
+    cache = FeatureCache(default_cache_dir())  # frozen, shared tower: one pass over the images
     results = []
     if args.report_only:
         found = sorted(args.output.glob("seed*/*/result.json"))

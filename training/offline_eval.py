@@ -21,7 +21,6 @@ fingerprint of the tower's weights, so a tower that was trained gets its own ent
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -30,8 +29,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from training.feature_cache import FeatureCache, default_cache_dir
 from training.metrics import closed_accuracy, mean_token_f1, normalize_answer
 from training.offline_med import DEFAULT_DATA, add_data_argument, ensure_built
 
@@ -100,83 +99,6 @@ def subsample(
             group = group + opened[n_open : n_open + per_family - len(group)]
         chosen += group
     return chosen
-
-
-# ---- image features --------------------------------------------------------------------------
-
-
-def tower_fingerprint(model) -> str:
-    """Identifies the vision tower's weights (a trained tower must not reuse cached features)."""
-    h = hashlib.sha1()
-    for name, tensor in sorted(model.image_encoder.state_dict().items()):
-        if tensor.is_floating_point():
-            h.update(f"{name}:{float(tensor.double().sum()):.6e}".encode())
-    return h.hexdigest()[:12]
-
-
-def full_levels(image_processor):
-    """The same image processor with every level on (the ablation's processors drop some)."""
-    from dataclasses import replace
-
-    from dragonfly_med.geometry import LEVELS
-    from dragonfly_med.image_processing_dragonfly import DragonflyImageProcessor
-
-    geometry = image_processor.geometry_obj
-    if geometry.levels == LEVELS:
-        return image_processor
-    return DragonflyImageProcessor(
-        geometry=replace(geometry, levels=LEVELS),
-        image_mean=image_processor.image_mean,
-        image_std=image_processor.image_std,
-        rescale_factor=image_processor.rescale_factor,
-    )
-
-
-class FeatureCache:
-    """Vision-tower features of every crop of the FULL plan (L+M+H), per image and tower.
-
-    Stored already pooled where the model pools (medium/high crops to `pooled_grid`), which is
-    linear and precedes the projector, so a 41-crop image takes ~1 MB. `embeds` then selects the
-    crops of any level subset and applies a model's projector: exactly `encode_images`.
-    """
-
-    def __init__(self) -> None:
-        self.store: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, object]] = {}
-
-    def features(
-        self, model, image_processor, image_path: Path, key: str
-    ) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(low features [T, C], pooled medium+high features [M+H, t, C], full plan) of an image."""
-        cache_key = (key, str(image_path))
-        if cache_key not in self.store:
-            full = full_levels(image_processor)
-            with Image.open(image_path) as image:
-                image = image.convert("RGB")
-            plan = full.plan(image)
-            pixel = full(image)
-            with torch.inference_mode():
-                (features,) = model._tower_features(pixel["pixel_values"], pixel["num_crops"])
-                self.store[cache_key] = (
-                    features[0].clone(),
-                    model.pool_crops(features[1:]).clone(),
-                    plan,
-                )
-        return self.store[cache_key]
-
-    @staticmethod
-    def embeds(
-        model, low: torch.Tensor, pooled: torch.Tensor, plan, levels: tuple[str, ...]
-    ) -> torch.Tensor:
-        """Visual embeddings for the crops of `levels`, in model order (low, medium, high)."""
-        n_medium = plan.medium_grid[0] * plan.medium_grid[1]
-        parts = [pooled[:n_medium]] if "medium" in levels else []
-        if "high" in levels:
-            parts.append(pooled[n_medium:])
-        with torch.inference_mode():
-            out = [model.vision_embed_tokens(low)]
-            if parts:
-                out.append(model.vision_embed_tokens(torch.cat(parts)).flatten(0, 1))
-        return torch.cat(out)
 
 
 # ---- answering -------------------------------------------------------------------------------
@@ -297,17 +219,15 @@ def answer_all(
     from tqdm import tqdm
 
     levels = levels or model.config.get_geometry().levels
-    key = tower_fingerprint(model)
     rows = []
     for record in tqdm(records, desc=label, file=sys.stderr, disable=len(records) < 4):
         question, reference = question_answer(record)
         embeds, plan = None, None
         if use_image:
-            low, pooled, full_plan = cache.features(
-                model, processor.image_processor, data_dir / record["image"], key
-            )
-            embeds = cache.embeds(model, low, pooled, full_plan, levels)
-            plan = processor.image_processor.plan(full_plan.image_size)
+            found = cache.features(model, processor.image_processor, data_dir / record["image"])
+            with torch.inference_mode():
+                embeds = cache.embeds(model, found, levels)
+            plan = processor.image_processor.plan(found.image_size)
         prediction = generate(
             model, processor, question, embeds, plan, max_tokens_for(record, max_new_tokens)
         )
@@ -329,14 +249,16 @@ def answer_all(
 
 
 def untrained_tiny_dir() -> Path:
-    """The tiny model folder as built without trained assets (the seeded calibrated projector),
-    cached next to the tiny cache."""
+    """The tiny model folder as built without trained assets (the seeded calibrated projector,
+    the LLM as packaged), cached next to the tiny cache: where training starts from."""
     from dragonfly_med import tiny
 
     target = tiny.cache_root() / f"tiny-untrained-v{tiny.BUILD_VERSION}"
     if not (target / "config.json").is_file():
         tiny.build_tiny(
-            target, projector_path=target.parent / "no-trained-assets" / "projector.safetensors"
+            target,
+            projector_path=target.parent / "no-trained-assets" / "projector.safetensors",
+            adapters_path=None,
         )
     return target
 
@@ -372,7 +294,7 @@ def evaluate_offline_med(
     started = time.time()
     data_dir = Path(data_dir)
     records = subsample(load_split(data_dir, split), per_family, families, seed)
-    cache = FeatureCache()
+    cache = FeatureCache(default_cache_dir())
     rows = answer_all(
         model, processor, records, data_dir, cache, max_new_tokens=max_new_tokens, label="model"
     )

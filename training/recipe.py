@@ -89,6 +89,12 @@ class Recipe:
     seed: int = 42
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = True
+    # tune.llm with lora_rank > 0 trains low-rank adapters of the LLM's projections instead of
+    # its full weights (merged into final/, and saved alone as final/lora.safetensors)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    # a frozen vision tower's features are computed once per image and kept on disk
+    cache_vision_features: bool = True
     save_steps: int = 1000
     logging_steps: int = 10
     max_steps: int | None = None
@@ -107,6 +113,8 @@ class Recipe:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.learning_rate <= 0 or self.epochs <= 0 or self.max_seq_length <= 0:
             raise ValueError("learning_rate, epochs and max_seq_length must be positive")
+        if self.lora_rank < 0 or (self.lora_rank and not self.tune.llm):
+            raise ValueError("lora_rank must be >= 0, and LoRA needs tune.llm: true")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise ValueError("mixed_precision must be auto, bf16, fp16 or no")
         if not any(d.interleave_every is None for d in self.datasets):

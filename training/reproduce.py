@@ -4,19 +4,23 @@ Every stage runs through the training engine (training/trainer.py) with the tiny
 committed; what differs for this data and this CPU is passed as recipe overrides, printed and
 recorded in the model card, never written into the recipe files:
 
-- `init_from`: the tiny default for stage 1, then the previous stage's `final/`;
+- `init_from`: the tiny model as packaged (SmolLM2 + Lite0 + the seeded calibrated projector,
+  no trained assets) for stage 1, then the previous stage's `final/`: a rerun starts from
+  scratch, not from the assets it is about to replace;
 - `data_root` / `datasets`: the offline-med set built by `training.offline_med` (stage 1:
   its captions; stage 2: every training record, multi-turn and descriptions included; stage 3:
   the single-turn questions, as the benchmark-style final stage);
-- `tune.vision_encoder=false` and `tune.llm=false`: on a 2-core CPU the tower's backward pass
-  triples the step time (measured: 79 s vs 24 s per 41-crop sample under load), and the LLM's
-  full weights (540 MB) cannot be shipped within the 30 MB asset budget while the engine has
-  no LoRA; so only the projector learns, in every stage, and only the projector is shipped;
-- `learning_rate` for stages 2 and 3: their recipes' rates (1e-4, 5e-5) are set for end-to-end
-  training of the LLM; for a projector-only run we keep stage 1's projector rate (1e-3);
-- `gradient_checkpointing=false`: with the LLM frozen, recomputing its forward pass in the
-  backward pass costs ~1/3 more time for memory this machine does not need (sequences ~280);
-- the sample `count` of each stage (the CPU budget, `--budget`) and `save_steps`.
+- `tune.vision_encoder=false`: on a 2-core CPU the tower's backward pass triples the step time;
+  frozen, its features are computed once per image (training/feature_cache.py);
+- `lora_rank` / `lora_alpha` for stages 2 and 3 (which train the LLM): the LLM's full weights
+  (540 MB) cannot ship within the 30 MB asset budget, so it learns through rank-16 adapters of
+  every attention and MLP projection (4.9 M parameters, shipped in fp16: ~10 MB);
+- `learning_rate` for stages 2 and 3: their recipes' rates (1e-4, 5e-5) are set for full
+  fine-tuning of an 8B LLM; adapters and a projector of a 135M one train at 5e-4;
+- `mixed_precision=bf16`: this CPU has AVX-512 bf16; autocast makes a step ~20% faster;
+- `gradient_checkpointing=false`: recomputing the forward pass costs ~1/3 more time for memory
+  this machine does not need (sequences ~280 tokens);
+- `epochs` and the sample `count` of each stage (the CPU budget, `--budget`), and `save_steps`.
 
 Resumable: a stage whose `final/` exists is skipped, an interrupted one resumes from its latest
 checkpoint (exactly: same plan, same losses), and the evaluation is reused when it exists.
@@ -30,6 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from dragonfly_med.lora import ADAPTER_FILE
+from training.offline_eval import untrained_tiny_dir
 from training.offline_med import add_data_argument, ensure_built
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -47,18 +55,20 @@ class StagePlan:
     learning_rate: float | None = None
 
 
-# Sample counts per stage. "cpu" is what fits this shared 2-core machine in ~90 minutes with the
-# evaluation (about 10-25 s per 41-crop sample); "smoke" is for tests.
+LORA_RANK = 16
+LORA_ALPHA = 32
+# Sample counts per stage. "cpu" fits this 2-core machine in ~75 minutes with the evaluation
+# (tower ~0.9 s per image once, ~1.1 s per 41-crop sample and step); "smoke" is for tests.
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
-        StagePlan("tiny-med-stage1", "captions.jsonl", 24, 4),
-        StagePlan("tiny-med-stage2", "train.jsonl", 24, 6, 1e-3),
-        StagePlan("tiny-med-stage3", SINGLE_TURN_FILE, 64, 16, 1e-3),
+        StagePlan("tiny-med-stage1", "captions.jsonl", 128, 32),
+        StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4),
+        StagePlan("tiny-med-stage3", SINGLE_TURN_FILE, 1744, 100, 5e-4),
     ),
     "smoke": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 2, 1),
-        StagePlan("tiny-med-stage2", "train.jsonl", 2, 1, 1e-3),
-        StagePlan("tiny-med-stage3", SINGLE_TURN_FILE, 2, 1, 1e-3),
+        StagePlan("tiny-med-stage2", "train.jsonl", 2, 1, 5e-4),
+        StagePlan("tiny-med-stage3", SINGLE_TURN_FILE, 2, 1, 5e-4),
     ),
 }
 
@@ -74,10 +84,12 @@ def stage_overrides(
         f"datasets={dataset}",
         "tune.vision_encoder=false",
         "gradient_checkpointing=false",
+        "mixed_precision=bf16",
+        "epochs=1",
         f"save_steps={plan.save_steps}",
     ]
-    if plan.recipe != "tiny-med-stage1":  # stage 1's recipe already freezes the LLM
-        overrides.append("tune.llm=false")
+    if plan.recipe != "tiny-med-stage1":  # stage 1's recipe freezes the LLM
+        overrides += [f"lora_rank={LORA_RANK}", f"lora_alpha={LORA_ALPHA}"]
     if plan.learning_rate is not None:
         overrides.append(f"learning_rate={plan.learning_rate}")
     if seed is not None:
@@ -104,7 +116,7 @@ def run_stages(
     stages: tuple[StagePlan, ...],
     data_dir: Path,
     out: Path,
-    init: str = "tiny",
+    init: str,
     seed: int | None = None,
 ) -> tuple[str, list[dict]]:
     """Run the stages in order through the engine, skipping finished ones and resuming
@@ -178,6 +190,23 @@ def export_projector(final_dir: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(target), metadata={"source": str(final_dir)})
     return target
+
+
+def export_adapters(final_dir: Path, target: Path) -> Path:
+    """Copy the LLM's low-rank adapters (every LoRA stage's, chained) into assets/, in fp16:
+    `tiny.build_tiny` merges them into the packaged LLM's weights."""
+    from dragonfly_med.lora import ADAPTER_FILE, load_adapters, save_adapters
+
+    source = final_dir / ADAPTER_FILE
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is missing: the last stage trained no LoRA adapters")
+    return save_adapters(load_adapters(source), target, dtype=torch.float16)
+
+
+def assets_fingerprint(paths: tuple[Path, ...]) -> str:
+    import hashlib
+
+    return hashlib.sha1(b"".join(p.read_bytes() for p in paths)).hexdigest()[:12]
 
 
 def fmt(value: float | None) -> str:
@@ -338,7 +367,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--assets", type=Path, default=ASSETS, help="where the projector and the model card go"
     )
     parser.add_argument(
-        "--per-family", type=int, default=8, help="test questions per family in the evaluation"
+        "--per-family", type=int, default=24, help="test questions per family in the evaluation"
     )
     parser.add_argument(
         "--skip-eval", action="store_true", help="stop after exporting the projector"
@@ -350,12 +379,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     ensure_built(args.data, args.data_seed, args.scale)
     write_single_turn(args.data)
-    final, log = run_stages(BUDGETS[args.budget], args.data, args.output)
+    final, log = run_stages(BUDGETS[args.budget], args.data, args.output, str(untrained_tiny_dir()))
     projector = export_projector(Path(final), args.assets / "projector.safetensors")
-    print(f"[reproduce] projector -> {projector} ({projector.stat().st_size / 1e6:.1f} MB)")
-    summary = {"final": final, "projector": str(projector), "stages": log, "budget": args.budget}
+    adapters = export_adapters(Path(final), args.assets / ADAPTER_FILE)
+    for asset in (projector, adapters):
+        print(f"[reproduce] {asset} ({asset.stat().st_size / 1e6:.1f} MB)")
+    summary = {"final": final, "projector": str(projector), "adapters": str(adapters), "stages": log, "budget": args.budget}
     if not args.skip_eval:
-        result = evaluate_shipped(args, projector)
+        result = evaluate_shipped(args, (projector, adapters))
         summary["eval"] = result
         (args.assets / "README.md").write_text(
             model_card(result, log, args.budget, args.data, time.time() - started)
@@ -371,25 +402,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_shipped(args: argparse.Namespace, projector: Path) -> dict:
+def evaluate_shipped(args: argparse.Namespace, assets: tuple[Path, Path]) -> dict:
     """Evaluate what ships: the tiny model as `load_model` builds it from the exported projector
-    (when the assets are the repository's), else the last stage's final folder."""
-    import torch
-
+    and adapters (when the assets are the repository's), else the last stage's final folder."""
     from dragonfly_med.loading import load_model
     from dragonfly_med.tiny import PROJECTOR_ASSET
     from training.offline_eval import evaluate_offline_med
 
     cached = args.output / "eval.json"
-    if (
-        cached.is_file()
-        and json.loads(cached.read_text()).get("projector_bytes") == projector.stat().st_size
-    ):
+    fingerprint = assets_fingerprint(assets)
+    if cached.is_file() and json.loads(cached.read_text()).get("assets") == fingerprint:
         print(f"[reproduce] eval: reusing {cached}")
         return json.loads(cached.read_text())
     name = (
         "tiny"
-        if projector.resolve() == PROJECTOR_ASSET.resolve()
+        if assets[0].resolve() == PROJECTOR_ASSET.resolve()
         else str(args.output / "stage3" / "final")
     )
     model, processor = load_model(name, dtype=torch.float32, device_map="cpu")
@@ -400,7 +427,7 @@ def evaluate_shipped(args: argparse.Namespace, projector: Path) -> dict:
         per_family=args.per_family,
         predictions_file=args.output / "predictions.jsonl",
     )
-    result |= {"model": name, "projector_bytes": projector.stat().st_size}
+    result |= {"model": name, "assets": fingerprint}
     cached.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

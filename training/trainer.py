@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from training.data import Mixture, build_mixture
+from training.feature_cache import FeatureCache, default_cache_dir
 from training.recipe import Recipe, Tune, load_recipe
 
 FINAL_DIR = "final"  # the model `load_model` / `--model` reads, inside the run folder
@@ -49,11 +50,14 @@ def model_parts(model: nn.Module) -> dict[str, nn.Module]:
     return {"projector": model.vision_embed_tokens, "vision_encoder": model.image_encoder, "llm": model.language_model}
 
 
-def apply_tune(model: nn.Module, tune: Tune) -> dict[str, int]:
+def apply_tune(model: nn.Module, tune: Tune, lora_rank: int = 0, lora_alpha: float = 16.0) -> dict[str, int]:
     """Freeze what the recipe does not train. A frozen vision tower also goes to eval mode, so
     its batch-norm statistics (EfficientNet) stay as loaded; a frozen LLM stays in train mode
     (Llama has no dropout), because gradients still flow through it to the visual embeddings
-    and gradient checkpointing only acts on modules in train mode. Returns trainable counts."""
+    and gradient checkpointing only acts on modules in train mode. With `lora_rank`, a trained
+    LLM gets low-rank adapters and its own weights stay frozen. Returns trainable counts."""
+    from dragonfly_med.lora import add_lora
+
     model.train()
     counts = {}
     for name, part in model_parts(model).items():
@@ -61,8 +65,11 @@ def apply_tune(model: nn.Module, tune: Tune) -> dict[str, int]:
         part.requires_grad_(trainable)
         if not trainable and name == "vision_encoder":
             part.eval()
+        if trainable and name == "llm" and lora_rank:
+            part.requires_grad_(False)
+            add_lora(part, lora_rank, lora_alpha)
         # ZeRO-3 partitions parameters while loading: ds_numel is the full size
-        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in part.parameters()) if trainable else 0
+        counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in part.parameters() if p.requires_grad)
     return counts
 
 
@@ -105,6 +112,17 @@ class MicroBatches(Dataset):
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.accum
 
+    def image_paths(self) -> list[Path]:
+        """The distinct images of this process's micro-batches, in order of first use."""
+        per_rank = self.recipe.micro_batch_size * self.accum
+        seen: dict[Path, None] = {}
+        for step in self.mixture.steps[self.start_step : self.total_steps]:
+            for d, i in step.refs[self.rank * per_rank : (self.rank + 1) * per_rank]:
+                image = self.mixture.datasets[d][i].image
+                if image is not None:
+                    seen.setdefault(image)
+        return list(seen)
+
     def __getitem__(self, index: int) -> dict:
         step, micro = self.start_step + index // self.accum, index % self.accum
         size = self.recipe.micro_batch_size
@@ -119,6 +137,7 @@ class MicroBatches(Dataset):
         )
         out = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         out["num_truncated"] = batch.num_truncated
+        out["image_paths"] = [str(r.image) for r in records if r.image is not None]
         return out
 
 
@@ -151,14 +170,19 @@ def missing_images(mixture: Mixture, limit: int = 10) -> list[str]:
 
 
 def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over the batch's answer tokens (labels != -100). A batch whose answers
-    were all truncated away contributes a zero loss that still has a graph (DeepSpeed and DDP
-    expect every process to run backward)."""
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    output = model(**inputs, use_cache=False)
-    if not bool((batch["labels"][:, 1:] != -100).any()):
+    """Mean cross-entropy over the batch's answer tokens (labels != -100), the same value as the
+    LLM's own loss, but the vocabulary projection runs only at the positions that predict an
+    answer token (a few of ~300 on the tiny model: the lm_head is a fifth of its FLOPs). A
+    batch whose answers were all truncated away contributes a zero loss that still has a graph
+    (DeepSpeed and DDP expect every process to run backward)."""
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS + ("image_embeds",) and k != "labels"}
+    if keep.numel() == 0:
+        output = model(**inputs, use_cache=False, logits_to_keep=1)
         return output.logits.sum() * 0.0
-    return output.loss
+    output = model(**inputs, use_cache=False, logits_to_keep=keep)
+    return nn.functional.cross_entropy(output.logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100)
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -240,13 +264,34 @@ def configure_deepspeed(accelerator, recipe: Recipe, accum: int) -> None:
     config["gradient_clipping"] = recipe.max_grad_norm
 
 
-def save_final(accelerator, model, processor, recipe: Recipe, paths: RunPaths, steps: int) -> None:
+def save_final(accelerator, model, processor, recipe: Recipe, paths: RunPaths, steps: int, init: str) -> None:
+    """final/ is a plain model folder (LoRA merged in) that `load_model` reads. The LLM's change
+    since the tiny default also goes to final/lora.safetensors, as low-rank adapters (earlier
+    stages' adapters, read from the init folder, followed by this stage's), while it is one:
+    a stage that trains the LLM's full weights ends the chain."""
+    from dragonfly_med.lora import (
+        ADAPTER_FILE,
+        adapters,
+        concat_adapters,
+        load_adapters,
+        merge_lora,
+        save_adapters,
+    )
+
+    unwrapped = accelerator.unwrap_model(model)
+    previous = Path(init) / ADAPTER_FILE
+    chain = load_adapters(previous) if previous.is_file() and (recipe.lora_rank or not recipe.tune.llm) else None
+    if recipe.lora_rank:
+        chain = concat_adapters(chain or {}, adapters(unwrapped.language_model))
+        merge_lora(unwrapped.language_model)
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards
     if accelerator.is_main_process:
         if paths.final.exists():
             shutil.rmtree(paths.final)
-        accelerator.unwrap_model(model).save_pretrained(paths.final, state_dict=state_dict)
+        unwrapped.save_pretrained(paths.final, state_dict=state_dict)
         processor.save_pretrained(paths.final)
+        if chain:
+            save_adapters(chain, paths.final / ADAPTER_FILE)
         (paths.final / "README.md").write_text(
             f"# Dragonfly-Med, trained with recipe `{recipe.name}`\n\n{recipe.description}\n\n"
             f"Started from `{recipe.init_from}`; {steps} optimizer steps of {recipe.global_batch_size} samples; "
@@ -294,8 +339,13 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     total_steps = min(len(mixture.steps), recipe.max_steps or len(mixture.steps))
 
     init = resolve_init(recipe)
+    zero3 = zero_stage(accelerator) == 3
+    if zero3 and recipe.lora_rank:
+        raise ValueError("LoRA (lora_rank > 0) is not supported with ZeRO-3; use ZeRO-2 or train full weights")
     model, processor = load_for_training(init)
-    trainable = apply_tune(model, recipe.tune)
+    trainable = apply_tune(model, recipe.tune, recipe.lora_rank, recipe.lora_alpha)
+    # ZeRO-3 partitions the tower's weights, so it can only run inside the model's forward
+    features = FeatureCache(default_cache_dir()) if recipe.cache_vision_features and not recipe.tune.vision_encoder and not zero3 else None
     if recipe.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.learning_rate, betas=recipe.adam_betas)
@@ -321,6 +371,8 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
         paths.metrics.write_text("".join(line + "\n" for line in kept))
 
     data = MicroBatches(mixture, processor, recipe, accelerator.process_index, accelerator.num_processes, start_step, total_steps)
+    if features is not None:
+        fill_feature_cache(features, accelerator.unwrap_model(model), processor, data.image_paths(), accelerator.is_main_process)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=recipe.num_workers)
     progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc=recipe.name)
     micro_losses, truncated, total_truncated, started = [], 0, 0, time.time()
@@ -328,9 +380,13 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     for index, batch in enumerate(loader):
         step = start_step + index // accum
         truncated += batch.pop("num_truncated")
+        image_paths = batch.pop("image_paths")
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}  # the loader is not prepared
         with accelerator.accumulate(model):
             with accelerator.autocast():
+                if features is not None and "pixel_values" in batch:
+                    del batch["pixel_values"], batch["num_crops"]
+                    batch["image_embeds"] = cached_embeds(features, accelerator.unwrap_model(model), processor, image_paths)
                 loss = answer_loss(model, batch)
             accelerator.backward(loss)
             grad_norm = None
@@ -365,7 +421,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
             save_checkpoint(accelerator, paths, step + 1, mixture)
     progress.close()
 
-    save_final(accelerator, model, processor, recipe, paths, total_steps)
+    save_final(accelerator, model, processor, recipe, paths, total_steps, init)
     if accelerator.is_main_process and paths.metrics.read_text().strip():
         plot_losses(paths.metrics, paths.root / "loss_curve.png")
     return {
@@ -378,6 +434,27 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
         "final": str(paths.final),
         "metrics": str(paths.metrics),
     }
+
+
+def zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def fill_feature_cache(cache: FeatureCache, model: nn.Module, processor, image_paths: list[Path], show: bool) -> None:
+    """Run the frozen tower once on every image this process will see (a progress bar; images
+    cached by an earlier stage, variant or evaluation are read back from disk)."""
+    from tqdm import tqdm
+
+    for path in tqdm(image_paths, desc="tower features", disable=not show):
+        cache.features(model, processor.image_processor, path)
+
+
+def cached_embeds(cache: FeatureCache, model: nn.Module, processor, image_paths: list[str]) -> list[torch.Tensor]:
+    """Each image's visual embeddings from its cached tower features, through the (trained)
+    projector, with the crops of the processor's levels: what `encode_images` gives from pixels."""
+    levels = processor.image_processor.geometry_obj.levels
+    return [cache.embeds(model, cache.features(model, processor.image_processor, p), levels) for p in image_paths]
 
 
 def save_checkpoint(accelerator, paths: RunPaths, step: int, mixture: Mixture) -> None:
