@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from training.offline_med import add_data_argument, ensure_built
+from training.reproduce import LORA_ALPHA, LORA_RANK
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "L": ("low",),
@@ -35,6 +36,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 COARSE = ("modality", "body_region", "plane", "window")
 RECIPE = "tiny-med-stage3"
+EPOCHS = 1  # one pass over each variant's samples, as in reproduce-tiny
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -82,8 +84,8 @@ def variant_init(base_dir: Path, levels: tuple[str, ...], target: Path) -> Path:
 def overrides(
     init: Path, data_dir: Path, files: tuple[str, str], samples: int, seed: int
 ) -> list[str]:
-    """Recipe overrides, identical for all variants but `init_from` (see reproduce.py for why the
-    tower and the LLM stay frozen on this CPU and why the projector keeps stage 1's rate)."""
+    """Recipe overrides, identical for all variants but `init_from`: those of reproduce-tiny's
+    stage 3 (frozen tower, LLM through LoRA adapters, bf16, one pass; reproduce.py says why)."""
     half = samples // 2
     datasets = (
         f"[{{name: fine, path: {files[0]}, image_root: ., count: {half}, domain: biomedical}},"
@@ -94,9 +96,12 @@ def overrides(
         f"data_root={data_dir}",
         f"datasets={datasets}",
         "tune.vision_encoder=false",
-        "tune.llm=false",
+        f"lora_rank={LORA_RANK}",
+        f"lora_alpha={LORA_ALPHA}",
         "gradient_checkpointing=false",
-        "learning_rate=1e-3",
+        "mixed_precision=bf16",
+        f"epochs={EPOCHS}",
+        "learning_rate=5e-4",
         f"seed={seed}",
         "save_steps=100000",  # a variant is cheap to redo; its result is the checkpoint
     ]
@@ -184,12 +189,6 @@ def rescored(result_path: Path, data_dir: Path) -> dict:
     return result | variant_scores(with_options(rows, data_dir))
 
 
-def recipe_epochs() -> float:
-    from training.recipe import load_recipe
-
-    return load_recipe(RECIPE).epochs
-
-
 def mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return round(sum(values) / len(values), 4) if values else None
@@ -228,7 +227,8 @@ def summarise(results: list[dict], args: argparse.Namespace, n_train: int) -> di
         "seeds_partial": sorted({r["seed"] for r in results} - set(complete)),
         "recipe": RECIPE,
         "train_samples_per_variant": args.samples,
-        "epochs": recipe_epochs(),
+        "lora_rank": LORA_RANK,
+        "epochs": EPOCHS,
         "train_pool": n_train,
         "n_test": {"fine_detail": results[0]["n_fine_detail"], "coarse": results[0]["n_coarse"]}
         if results
@@ -292,7 +292,8 @@ def markdown(summary: dict) -> str:
 random calibrated projector) with the same budget ({summary["train_samples_per_variant"]} samples x {summary.get("epochs", "?")} epochs,
 half fine-detail half coarse closed questions drawn from {summary["train_pool"]} offline-med TRAIN
 questions, same order for every variant) for each geometry; only `Geometry.levels` differs.
-As in the reproduction run, the tower and the LLM are frozen (CPU); the projector learns.
+As in the reproduction run, the tower is frozen (its features are cached once per image); the
+projector and rank-{summary.get("lora_rank", "?")} LoRA adapters of every LLM projection learn.
 Each (variant, seed) result and its predictions are cached under `runs/ablation/seedS/VARIANT/`;
 `python -m training ablation --report-only` rebuilds this page from all cached seeds (seeds can
 run in separate processes: `--seeds 2`).
@@ -345,12 +346,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folder (cached per variant and seed)",
     )
     parser.add_argument(
-        "--samples", type=int, default=40, help="training samples per variant (same for all)"
+        "--samples", type=int, default=320, help="training samples per variant (same for all)"
     )
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
-    parser.add_argument("--fine", type=int, default=24, help="test fine-detail questions (closed)")
+    parser.add_argument("--fine", type=int, default=64, help="test fine-detail questions (closed)")
     parser.add_argument(
-        "--coarse-per-family", type=int, default=6, help="test questions per coarse family (closed)"
+        "--coarse-per-family", type=int, default=8, help="test questions per coarse family (closed)"
     )
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of L,L+M,L+H,L+M+H"
