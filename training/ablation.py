@@ -346,7 +346,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folder (cached per variant and seed)",
     )
     parser.add_argument(
-        "--samples", type=int, default=320, help="training samples per variant (same for all)"
+        "--samples", type=int, default=480, help="training samples per variant (same for all)"
     )
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     parser.add_argument("--fine", type=int, default=64, help="test fine-detail questions (closed)")
