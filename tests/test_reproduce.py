@@ -81,7 +81,7 @@ def test_stages_chain_skip_when_done_and_export_the_assets(data_dir, tmp_path):
     rows = [{"family": "modality", "answer_type": "closed", "reference": "CT", "prediction": "CT"}]
     scores = score(rows) | {"seed": 0}
     result = scores | {"baselines": {"no_image": score(rows), "untrained_projector": score(rows)}}
-    card = model_card(result, again, "smoke", data_dir, 60.0)
+    card = model_card(result, again, "smoke", data_dir)
     assert "| 3 | `tiny-med-stage3` | 2 x 1 epochs |" in card and "**100.0%**" in card
     projector = load_file(
         export_projector(
