@@ -23,7 +23,6 @@ from training.reproduce import (
     model_card,
     run_stages,
     stage_overrides,
-    write_single_turn,
 )
 
 
@@ -55,11 +54,6 @@ def test_overrides_freeze_the_tower_and_give_the_llm_adapters(data_dir):
     assert (
         load_recipe("tiny-med-stage1").tune.vision_encoder is True
     )  # the recipe file is untouched
-
-
-def test_single_turn_file_drops_descriptions_and_chats(data_dir):
-    rows = [json.loads(line) for line in write_single_turn(data_dir).read_text().splitlines()]
-    assert rows and all(len(r["conversations"]) == 2 and r["family"] != "description" for r in rows)
 
 
 def test_stages_chain_skip_when_done_and_export_the_assets(data_dir, tmp_path):

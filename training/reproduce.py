@@ -8,8 +8,9 @@ recorded in the model card, never written into the recipe files:
   no trained assets) for stage 1, then the previous stage's `final/`: a rerun starts from
   scratch, not from the assets it is about to replace;
 - `data_root` / `datasets`: the offline-med set built by `training.offline_med` (stage 1:
-  its captions; stage 2: every training record, multi-turn and descriptions included; stage 3:
-  the single-turn questions, as the benchmark-style final stage);
+  its captions; stage 2: a seeded 512 of the training records; stage 3: every training
+  record once: questions, descriptions and multi-turn chats. A stage 3 of short answers only
+  taught the model to answer "Describe this image" with one word);
 - `tune.vision_encoder=false`: on a 2-core CPU the tower's backward pass triples the step time;
   frozen, its features are computed once per image (training/feature_cache.py);
 - `lora_rank` / `lora_alpha` for stages 2 and 3 (which train the LLM): the LLM's full weights
@@ -41,7 +42,6 @@ from training.offline_eval import PER_FAMILY, untrained_tiny_dir
 from training.offline_med import add_data_argument, ensure_built
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
-SINGLE_TURN_FILE = "train-single-turn.jsonl"
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,12 @@ BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 128, 32),
         StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4),
-        StagePlan("tiny-med-stage3", SINGLE_TURN_FILE, 1744, 100, 5e-4),
+        StagePlan("tiny-med-stage3", "train.jsonl", 1840, 100, 5e-4),
     ),
     "smoke": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 2, 1),
         StagePlan("tiny-med-stage2", "train.jsonl", 2, 1, 5e-4),
-        StagePlan("tiny-med-stage3", SINGLE_TURN_FILE, 2, 1, 5e-4),
+        StagePlan("tiny-med-stage3", "train.jsonl", 2, 1, 5e-4),
     ),
 }
 
@@ -95,21 +95,6 @@ def stage_overrides(
     if seed is not None:
         overrides.append(f"seed={seed}")
     return overrides
-
-
-def write_single_turn(data_dir: Path) -> Path:
-    """Stage 3's data: the single-turn training questions (no multi-turn chats, no long
-    descriptions), the benchmark-style mixture med-stage3 trains on."""
-    target = data_dir / SINGLE_TURN_FILE
-    if not target.is_file():
-        rows = [
-            json.loads(line)
-            for line in (data_dir / "train.jsonl").read_text().splitlines()
-            if line.strip()
-        ]
-        keep = [r for r in rows if len(r["conversations"]) == 2 and r["family"] != "description"]
-        target.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    return target
 
 
 def run_stages(
@@ -377,7 +362,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     ensure_built(args.data, args.data_seed, args.scale)
-    write_single_turn(args.data)
     final, log = run_stages(BUDGETS[args.budget], args.data, args.output, str(untrained_tiny_dir()))
     projector = export_projector(Path(final), args.assets / "projector.safetensors")
     adapters = export_adapters(Path(final), args.assets / ADAPTER_FILE)
