@@ -1,6 +1,7 @@
 """`load_model`: one entry point for every way a user names a model.
 
 - `"tiny"`: the embedded default, built once into a local cache (tiny.py);
+- `"tiny-base"`: the same architecture before training (packaged LLM, seeded projector);
 - a directory in our format (`config.json` with a `geometry`, safetensors);
 - a directory in the released v2 layout (released.py), loaded in place;
 - a hub id (or the alias `dragonfly-med-v2`): fetched with huggingface_hub when the hub is
@@ -101,6 +102,10 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         from .tiny import tiny_model_dir
 
         return tiny_model_dir()
+    if name == "tiny-base":
+        from .tiny import base_model_dir
+
+        return base_model_dir()
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -109,7 +114,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     repo_id = HUB_ALIASES.get(name, name)
     if not HUB_ID.match(repo_id):
         raise ModelNotAvailableError(
-            f"{name!r} is neither 'tiny', an existing directory nor a hub id (owner/name)"
+            f"{name!r} is neither 'tiny', 'tiny-base', an existing directory nor a hub id (owner/name)"
         )
     return _download(repo_id)
 

@@ -84,6 +84,17 @@ def tiny_model_dir() -> Path:
     return target
 
 
+def base_model_dir() -> Path:
+    """`tiny-base`: the tiny architecture before any training (SmolLM2 as packaged, the seeded
+    calibrated projector), built once. Where reproduce-tiny starts, the evaluation's
+    `untrained_projector` baseline, and a chat model that does not change when the shipped
+    assets are retrained (the app's mechanical tests use it)."""
+    target = cache_root() / f"tiny-untrained-v{BUILD_VERSION}"
+    if not (target / "config.json").is_file():
+        build_tiny(target, projector_path=None, adapters_path=None)
+    return target
+
+
 def _calibrated_projector(
     projector: torch.nn.Linear, tower: torch.nn.Module, token_embeddings: torch.Tensor
 ) -> str:
@@ -106,7 +117,7 @@ def _calibrated_projector(
 
 def build_tiny(
     out_dir: str | Path,
-    projector_path: str | Path = PROJECTOR_ASSET,
+    projector_path: str | Path | None = PROJECTOR_ASSET,
     adapters_path: str | Path | None = ADAPTERS_ASSET,
 ) -> Path:
     """Assemble the tiny model from the packaged weights and the trained assets (projector, and
@@ -117,7 +128,7 @@ def build_tiny(
 
     from .modeling_dragonfly import DragonflyForConditionalGeneration
 
-    out_dir, projector_path = Path(out_dir), Path(projector_path)
+    out_dir = Path(out_dir)
     gguf = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN, SEPARATOR_TOKEN]})
@@ -152,9 +163,9 @@ def build_tiny(
     model.image_encoder.model.load_state_dict(
         load_pretrained_state_dict(with_classifier=False), strict=True
     )
-    if projector_path.is_file():
+    if projector_path is not None and Path(projector_path).is_file():
         model.vision_embed_tokens.load_state_dict(load_file(projector_path), strict=True)
-        projector_note = f"trained, from {projector_path.name}"
+        projector_note = f"trained, from {Path(projector_path).name}"
     else:
         projector_note = _calibrated_projector(
             model.vision_embed_tokens, model.image_encoder, model.get_input_embeddings().weight

@@ -1,4 +1,4 @@
-"""A page's session in-process on the real tiny engine: regenerate, clear, feedback, window and
+"""A page's session in-process on the real packaged tiny model (`tiny-base`): regenerate, clear, feedback, window and
 frame changes, generation errors, the History tab's data and the end of a session."""
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ QUICK = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=6)
 
 @pytest.fixture(scope="module")
 def engine() -> ChatEngine:
-    return ChatEngine.load("tiny")
+    return ChatEngine.load("tiny-base")  # long answers to interrupt: see test_app_api.py
 
 
 @pytest.fixture()
 def services(engine: ChatEngine, tmp_path: Path):
     log = SessionLog(tmp_path / "log.sqlite")
-    yield Services(engine, log, IngestLimits(), {"model": "tiny"})
+    yield Services(engine, log, IngestLimits(), {"model": "tiny-base"})
     log.close()
 
 

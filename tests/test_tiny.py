@@ -79,3 +79,23 @@ def test_tiny_encodes_an_image_and_generates(tiny):
     )
     out = model.generate(**batch, max_new_tokens=2, do_sample=False)
     assert out.shape[1] > batch["input_ids"].shape[1]
+
+
+@pytest.mark.slow
+def test_shipped_tiny_names_the_modality_of_the_gallery_images(tiny):
+    """The trained assets at work, on the app's example images. These images are training
+    sources of offline-med, so this checks that the shipped projector and adapters are the
+    trained ones and load right; held-out scores are in docs/tiny-default.md."""
+    from app.examples import find_examples
+    from dragonfly_med.chat import ChatEngine, SamplingParams
+    from dragonfly_med.ingest import load_image
+
+    model, processor, _ = tiny
+    engine = ChatEngine(model, processor, "tiny")
+    expected = {"CT_small.dcm": "ct", "MR_small.dcm": "mri", "ihc.png": "histology", "retina.jpg": "fundus"}
+    examples = {e.path.name: e for e in find_examples() if e.path.name in expected}
+    assert examples, "no gallery image found"
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8)
+    for name, example in examples.items():
+        answer = engine.answer(load_image(example.path).image, "What imaging modality is this?", params)
+        assert expected[name] in answer.lower(), (name, answer)

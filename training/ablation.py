@@ -119,7 +119,8 @@ def run_variant(
     import torch
 
     from dragonfly_med.loading import load_model
-    from training.offline_eval import answer_all, untrained_tiny_dir
+    from dragonfly_med.tiny import base_model_dir
+    from training.offline_eval import answer_all
     from training.recipe import load_recipe
     from training.trainer import FINAL_DIR, train
 
@@ -128,7 +129,7 @@ def run_variant(
     if result_path.is_file():
         return json.loads(result_path.read_text())
     init = variant_init(
-        untrained_tiny_dir(), VARIANTS[name], args.output / "init" / name.replace("+", "")
+        base_model_dir(), VARIANTS[name], args.output / "init" / name.replace("+", "")
     )
     started = time.time()
     if not (folder / FINAL_DIR / "config.json").is_file():

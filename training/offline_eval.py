@@ -249,26 +249,11 @@ def answer_all(
 # ---- models ----------------------------------------------------------------------------------
 
 
-def untrained_tiny_dir() -> Path:
-    """The tiny model folder as built without trained assets (the seeded calibrated projector,
-    the LLM as packaged), cached next to the tiny cache: where training starts from."""
-    from dragonfly_med import tiny
-
-    target = tiny.cache_root() / f"tiny-untrained-v{tiny.BUILD_VERSION}"
-    if not (target / "config.json").is_file():
-        tiny.build_tiny(
-            target,
-            projector_path=target.parent / "no-trained-assets" / "projector.safetensors",
-            adapters_path=None,
-        )
-    return target
-
-
 def untrained_tiny():
     """(model, processor) of the untrained tiny model: the `untrained_projector` baseline."""
     from dragonfly_med.loading import load_model
 
-    return load_model(str(untrained_tiny_dir()), dtype=torch.float32, device_map="cpu")
+    return load_model("tiny-base", dtype=torch.float32, device_map="cpu")
 
 
 def evaluate_offline_med(

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from dragonfly_med.lora import ADAPTER_FILE
-from training.offline_eval import PER_FAMILY, untrained_tiny_dir
+from dragonfly_med.tiny import base_model_dir
+from training.offline_eval import PER_FAMILY
 from training.offline_med import add_data_argument, ensure_built
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -362,7 +363,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     ensure_built(args.data, args.data_seed, args.scale)
-    final, log = run_stages(BUDGETS[args.budget], args.data, args.output, str(untrained_tiny_dir()))
+    final, log = run_stages(BUDGETS[args.budget], args.data, args.output, str(base_model_dir()))
     projector = export_projector(Path(final), args.assets / "projector.safetensors")
     adapters = export_adapters(Path(final), args.assets / ADAPTER_FILE)
     for asset in (projector, adapters):
