@@ -35,18 +35,21 @@ def _skimage_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-# (title, finder, file name, suggested questions)
+# (title, finder, file name, suggested questions). The questions use the phrasings the embedded
+# tiny model was trained on (offline-med): it answers those in sentences or with the option, and
+# drifts to one-word answers on phrasings it never saw (docs/tiny-default.md).
+REPORT = "Write a short report of what this image shows."
 CATALOGUE = (
     ("CT (pydicom CT_small)", _pydicom_file, "CT_small.dcm",
-     ("What imaging modality is this?", "Which body region is shown?", "Describe any abnormality.")),
+     (REPORT, "What imaging modality is this?", "Which body region is shown?")),
     ("MR (pydicom MR_small)", _pydicom_file, "MR_small.dcm",
-     ("What imaging modality is this?", "Which plane is this slice in?", "Describe the visible structures.")),
+     (REPORT, "What imaging modality is this?", "In which anatomical plane is this slice?")),
     ("Fundus photo (scikit-image retina)", _skimage_file, "retina.jpg",
-     ("Is the optic disc visible?", "Describe the retinal vessels.", "Are there signs of retinopathy?")),
+     (REPORT, "What imaging modality is this?", "Which body region does this image show?")),
     ("Immunohistochemistry (scikit-image ihc)", _skimage_file, "ihc.png",
-     ("What kind of image is this?", "Which stains are visible?", "Describe the tissue.")),
+     (REPORT, "What kind of image is this?", "Give a short caption for this image.")),
     ("Retinal microaneurysms (scikit-image)", _skimage_file, "microaneurysms.png",
-     ("What abnormality is visible?", "Where are the small red dots?", "What condition could cause this?")),
+     (REPORT, "What imaging modality is this?", "Look closely: is there a tiny round dot somewhere in this image?")),
 )
 
 

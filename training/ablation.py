@@ -347,9 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folder (cached per variant and seed)",
     )
     parser.add_argument(
-        "--samples", type=int, default=480, help="training samples per variant (same for all)"
+        "--samples", type=int, default=240, help="training samples per variant (same for all)"
     )
-    parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds (0,1,2 for error bars)")
     parser.add_argument("--fine", type=int, default=64, help="test fine-detail questions (closed)")
     parser.add_argument(
         "--coarse-per-family", type=int, default=8, help="test questions per coarse family (closed)"
