@@ -314,15 +314,16 @@ are fixed){partial}.
 ## Reading it
 {high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
   counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
-  the whole answer to be the option, which the frozen LLM rarely writes after this little
-  training, so it mostly measures answer format.
+  the whole answer to be the option (with LoRA adapters the model answers with the bare
+  option, so the two mostly agree).
 - Chance is 50% on every fine-detail question (yes/no or one of two labels) and 33-50% on the
   coarse ones. With {n.get("fine_detail", "?")} fine-detail questions one standard error of an accuracy near
   50% is about {50 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points, so differences smaller than ~{100 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points are noise.
-- The budget is what this shared 2-core CPU allowed next to the reproduction run: a few dozen
-  optimizer steps of a projector. The paper's effect needs the model to learn to read a
-  detail from 2x2-pooled EfficientNet tokens of the high crops; with this budget it mostly
-  learns answer formats and priors. Treat this table as a working harness and a first data
+- The budget is what this 2-core CPU allowed in the session next to the reproduction run:
+  {summary["train_samples_per_variant"]} samples, one pass, of projector + adapters per variant. The paper's effect needs the
+  model to learn to read a detail from 2x2-pooled EfficientNet tokens of the high crops; with
+  this budget it learns answer formats and priors (coarse accuracy is the same for three of
+  the four variants). "train s" is wall-clock and includes time shared with other jobs. Treat this table as a working harness and a first data
   point, not as a replication or a refutation of tables 1 and 3. A GPU run with
   `--samples 2000 --seeds 0,1,2` is the same command.
 - Paper, table 1 (Llama-3.1-8B + CLIP ViT-L/14, 700K instruction samples, whole model tuned):
