@@ -156,7 +156,7 @@ def test_resume_reproduces_the_uninterrupted_run(random_model_dir, tmp_path):
 def test_cached_tower_features_train_exactly_like_pixels(random_model_dir, tmp_path):
     """A frozen tower's features come from the on-disk cache: same losses, same projector."""
     common = ("max_steps=3", "tune.vision_encoder=false")
-    cached = run("tiny-general-stage1", random_model_dir, tmp_path / "cached", *common)
+    cached = run("tiny-general-stage1", random_model_dir, tmp_path / "cached", *common, "cache_vision_features=true")
     pixels = run("tiny-general-stage1", random_model_dir, tmp_path / "pixels", *common, "cache_vision_features=false")
     for step, loss in pixels["losses"].items():
         assert cached["losses"][step] == pytest.approx(loss, rel=1e-5)

@@ -70,7 +70,9 @@ class ImageFeatures:
 
 
 class FeatureCache:
-    """Tower features per image, in memory and (when `directory` is given) on disk."""
+    """Tower features per image: on disk when `directory` is given (read back per use, ~1 ms,
+    so a large dataset does not fill the RAM), else in memory (evaluation of a few hundred
+    images without a cache folder)."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory else None
@@ -102,14 +104,12 @@ class FeatureCache:
         if memory_key in self.memory:
             return self.memory[memory_key]
         file = self._file(key, image_path)
-        if file is not None and file.is_file():
-            found = read_features(file)
-        else:
-            found = compute_features(model, image_processor, image_path)
-            if file is not None:
-                write_features(found, file)
-        self.memory[memory_key] = found
-        return found
+        if file is None:
+            self.memory[memory_key] = compute_features(model, image_processor, image_path)
+            return self.memory[memory_key]
+        if not file.is_file():
+            write_features(compute_features(model, image_processor, image_path), file)
+        return read_features(file)
 
     @staticmethod
     def embeds(model, found: ImageFeatures, levels: tuple[str, ...]) -> torch.Tensor:

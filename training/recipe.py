@@ -93,8 +93,10 @@ class Recipe:
     # its full weights (merged into final/, and saved alone as final/lora.safetensors)
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    # a frozen vision tower's features are computed once per image and kept on disk
-    cache_vision_features: bool = True
+    # a frozen vision tower's features are computed once per image and kept on disk; "auto":
+    # on machines without CUDA (where the tower costs as much as the step), not on GPUs (where
+    # it is cheap and a large dataset's features would fill the disk)
+    cache_vision_features: bool | str = "auto"
     save_steps: int = 1000
     logging_steps: int = 10
     max_steps: int | None = None
@@ -113,6 +115,8 @@ class Recipe:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.learning_rate <= 0 or self.epochs <= 0 or self.max_seq_length <= 0:
             raise ValueError("learning_rate, epochs and max_seq_length must be positive")
+        if self.cache_vision_features not in (True, False, "auto"):
+            raise ValueError("cache_vision_features must be true, false or auto")
         if self.lora_rank < 0 or (self.lora_rank and not self.tune.llm):
             raise ValueError("lora_rank must be >= 0, and LoRA needs tune.llm: true")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):

@@ -344,8 +344,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
         raise ValueError("LoRA (lora_rank > 0) is not supported with ZeRO-3; use ZeRO-2 or train full weights")
     model, processor = load_for_training(init)
     trainable = apply_tune(model, recipe.tune, recipe.lora_rank, recipe.lora_alpha)
-    # ZeRO-3 partitions the tower's weights, so it can only run inside the model's forward
-    features = FeatureCache(default_cache_dir()) if recipe.cache_vision_features and not recipe.tune.vision_encoder and not zero3 else None
+    features = FeatureCache(default_cache_dir()) if caches_tower(recipe, zero3) else None
     if recipe.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.learning_rate, betas=recipe.adam_betas)
@@ -434,6 +433,15 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
         "final": str(paths.final),
         "metrics": str(paths.metrics),
     }
+
+
+def caches_tower(recipe: Recipe, zero3: bool) -> bool:
+    """Whether the frozen tower's features come from the on-disk cache (recipe key
+    `cache_vision_features`). ZeRO-3 partitions the tower's weights, so it runs in forward only."""
+    wanted = recipe.cache_vision_features
+    if wanted == "auto":
+        wanted = not torch.cuda.is_available()
+    return bool(wanted) and not recipe.tune.vision_encoder and not zero3
 
 
 def zero_stage(accelerator) -> int:
