@@ -18,6 +18,8 @@ import pytest
 from app_server import ROOT, phi_dicom, phi_leaks, start_server
 from pydicom.data import get_testdata_files
 
+from app.examples import CATALOGUE
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -215,8 +217,9 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:
 def test_examples_suggestions_and_frame_slider(page, served) -> None:
     page.locator("#examples img").nth(1).click()  # MR_small
     page.get_by_text("Example loaded").wait_for()
-    page.get_by_text("Which plane is this slice in?").click()
-    sync_api.expect(page.locator("#question textarea")).to_have_value("Which plane is this slice in?")
+    suggestion = CATALOGUE[1][3][-1]  # MR_small's last suggested question
+    page.get_by_text(suggestion).click()
+    sync_api.expect(page.locator("#question textarea")).to_have_value(suggestion)
     page.locator("#upload input[type=file]").set_input_files(get_testdata_files("rtdose.dcm")[0])
     page.locator("#frame").get_by_text("Frame 8 / 15").wait_for()
     frame = page.locator("#frame input[type=number]")
