@@ -107,9 +107,11 @@ class FeatureCache:
         if file is None:
             self.memory[memory_key] = compute_features(model, image_processor, image_path)
             return self.memory[memory_key]
-        if not file.is_file():
-            write_features(compute_features(model, image_processor, image_path), file)
-        return read_features(file)
+        if file.is_file():
+            return read_features(file)
+        found = compute_features(model, image_processor, image_path)
+        write_features(found, file)
+        return found
 
     @staticmethod
     def embeds(model, found: ImageFeatures, levels: tuple[str, ...]) -> torch.Tensor:
