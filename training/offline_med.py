@@ -28,7 +28,7 @@ from training.offline_med_questions import (
     atlas_sample,
     caption_sample,
     fact_samples,
-    finding_sample,
+    finding_samples,
     fine_detail_sample,
     laterality_sample,
     multi_turn_sample,
@@ -57,8 +57,8 @@ def view_samples(split: str, views: list[View], rng: random.Random, bal: Balance
     names = aal_names() if any(v.atlas is not None for v in views) else {}
     for i, view in enumerate(views):
         key = f"{view.source}#{i}"
-        yield from fact_samples(view, key, rng, bal)
-        yield finding_sample(view, rng, bal)
+        yield from fact_samples(view, key, rng, bal, paired=split == "train")
+        yield from finding_samples(view, rng, bal, paired=split == "train")
         if view.midline_x is not None:
             yield from filter(None, [laterality_sample(view, rng, bal) for _ in range(LATERALITY_PER_VIEW)])
         if view.atlas is not None:

@@ -29,14 +29,15 @@ from training.offline_med_render import (
 )
 from training.offline_med_sources import View
 
-MODALITIES = ("CT", "MRI", "ultrasound", "fundus photograph", "histology")
+MODALITIES = ("CT", "MRI", "X-ray", "ultrasound", "fundus photograph", "histology")
 REGIONS = ("head", "chest", "abdomen", "eye", "tissue")
 PLANES = ("axial", "coronal", "sagittal")
 MODALITY_LONG = {
     "CT": "a computed tomography (CT) image",
     "MRI": "a magnetic resonance imaging (MRI) image",
+    "X-ray": "a plain radiograph (X-ray)",
     "ultrasound": "an ultrasound image",
-    "fundus photograph": "a colour fundus photograph of the retina",
+    "fundus photograph": "a fundus photograph of the retina",
     "histology": "a histology image of a tissue section stained by immunohistochemistry (IHC)",
 }
 PLANE_LONG = {
@@ -110,8 +111,12 @@ def or_list(options: list[str]) -> str:
 
 def closed_yes_no(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
     """'Is this X?' with X the truth or, half of the time, another member of the vocabulary."""
-    asked = truth if bal.flip(f"{kind}:yes") else rng.choice([v for v in vocab if v != truth])
-    return Turn(template.format(asked) + " Answer yes or no.", yes_no(asked == truth), ("yes", "no"))
+    return yes_no_turn(rng, bal.flip(f"{kind}:yes"), truth, vocab, template)
+
+
+def yes_no_turn(rng: random.Random, answer_yes: bool, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
+    asked = truth if answer_yes else rng.choice([v for v in vocab if v != truth])
+    return Turn(template.format(asked) + " Answer yes or no.", yes_no(answer_yes), ("yes", "no"))
 
 
 def closed_choice(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str, n: int = 2) -> Turn:
@@ -181,10 +186,18 @@ def description(view: View) -> str:
     return " ".join(sentences)
 
 
-def fact_samples(view: View, key: str, rng: random.Random, bal: Balancer) -> Iterator[Sample]:
-    """One question per known fact of a view, and sometimes a long description."""
+def fact_samples(view: View, key: str, rng: random.Random, bal: Balancer, paired: bool = False) -> Iterator[Sample]:
+    """One question per known fact of a view, and sometimes a long description.
+
+    `paired` (training): a yes/no question comes with its mirror on the same image (the true
+    option where it asked a false one, and vice versa), so that no answer prior lowers the loss
+    and only looking at the image does."""
     for family, (truth, vocab) in facts_of(view).items():
-        yield Sample(family, view.source, view.image, [fact_turn(rng, bal, family, truth, vocab, PHRASING[family])], key)
+        turn = fact_turn(rng, bal, family, truth, vocab, PHRASING[family])
+        yield Sample(family, view.source, view.image, [turn], key)
+        if paired and turn.options == ("yes", "no"):
+            mirror = yes_no_turn(rng, turn.answer == "no", truth, vocab, PHRASING[family][0])
+            yield Sample(family, view.source, view.image, [mirror], key)
     if rng.random() < 0.3:
         turn = Turn(rng.choice(("Describe this image in detail.", "Write a short report of what this image shows.")), description(view))
         yield Sample("description", view.source, view.image, [turn], key)
@@ -203,8 +216,12 @@ def multi_turn_sample(view: View, key: str, rng: random.Random, bal: Balancer) -
     return Sample("multi_turn", view.source, view.image, turns, key)
 
 
-def finding_sample(view: View, rng: random.Random, bal: Balancer) -> Sample:
-    """A simulated lesion (6-10% of the width, visible at any resolution): presence or location."""
+FINDING_PRESENT = "Is there a simulated round lesion (a focal round spot added to the image)? Answer yes or no."
+
+
+def finding_samples(view: View, rng: random.Random, bal: Balancer, paired: bool = False) -> Iterator[Sample]:
+    """A simulated lesion (6-10% of the width, visible at any resolution): presence or location.
+    `paired` (training): a presence question is asked of the view both with and without it."""
     if rng.random() < 0.35:
         image, drawn = draw_lesion(view.image, rng)
         where = quadrant(*drawn.centre, image.width, image.height)
@@ -212,11 +229,12 @@ def finding_sample(view: View, rng: random.Random, bal: Balancer) -> Sample:
             turn = closed_choice(rng, bal, "finding_quadrant", where, QUADRANTS, "A simulated round lesion was added to this image. In which image quadrant is it: {}?", n=4)
         else:
             turn = Turn("A simulated round lesion was added to this image. Where is it?", f"{where} quadrant")
-        return Sample("finding", view.source, image, [turn])
+        yield Sample("finding", view.source, image, [turn])
+        return
     present = bal.flip("finding:yes")
-    image = draw_lesion(view.image, rng)[0] if present else view.image.copy()
-    turn = Turn("Is there a simulated round lesion (a focal round spot added to the image)? Answer yes or no.", yes_no(present), ("yes", "no"))
-    return Sample("finding", view.source, image, [turn])
+    for shown in (present, not present) if paired else (present,):
+        image = draw_lesion(view.image, rng)[0] if shown else view.image.copy()
+        yield Sample("finding", view.source, image, [Turn(FINDING_PRESENT, yes_no(shown), ("yes", "no"))])
 
 
 RADIOLOGICAL = "Images follow the radiological convention: the patient's left is on the image's right."

@@ -100,6 +100,8 @@ def read_dicom(path: Path) -> tuple[np.ndarray, object]:
     pixels = ds.pixel_array
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
+    elif ds.get("PhotometricInterpretation") == "MONOCHROME1":  # radiographs stored white-is-low
+        pixels = pixels.max() - pixels
     elif ds.get("Modality") == "CT":
         pixels = apply_modality_lut(pixels, ds)
     return pixels, ds
@@ -119,10 +121,30 @@ def dicom_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[Vi
 
 
 def photo_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
-    """Views of a photograph (fundus, histology)."""
+    """Views of a photograph (histology)."""
     image = fit(Image.open(source.path).convert("RGB"), 2 * DISPLAY_SIDE)
     for _ in range(scale.views_2d):
         yield View(source.id, jitter(image, rng), source.modality, source.body_region)
+
+
+def red_free(image: Image.Image) -> Image.Image:
+    """The green channel, contrast-stretched: how ophthalmologists view vessels and
+    microaneurysms (a 'red-free' fundus photograph)."""
+    return autocontrast(np.asarray(image.convert("RGB"))[..., 1]).convert("RGB")
+
+
+def fundus_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Views of a fundus photograph as clinics show them: in colour, red-free, and red-free
+    zoomed on a patch of the retina (only where the photo has the pixels for it)."""
+    photo = Image.open(source.path).convert("RGB")
+    for i in range(scale.views_2d):
+        rendering = i % 3
+        image = photo if rendering == 0 else red_free(photo)
+        patch = round(min(photo.size) * rng.uniform(0.15, 0.4))
+        if rendering == 2 and patch >= DISPLAY_SIDE // 2:
+            x0, y0 = (rng.randint(round(0.2 * n), round(0.8 * n) - patch) for n in photo.size)
+            image = image.crop((x0, y0, x0 + patch, y0 + patch))
+        yield View(source.id, jitter(fit(image), rng), source.modality, source.body_region)
 
 
 # ---------------------------------------------------------------- volumes
@@ -348,7 +370,14 @@ def catalogue() -> list[Source]:
         Source("pydicom:MR_small", "train", "MRI", None, dicom_views, pydicom_file("MR_small.dcm"), "axial"),
         Source("pydicom:examples_overlay", "train", "MRI", "abdomen", dicom_views, pydicom_file("examples_overlay.dcm"), "axial"),
         Source("pydicom:examples_ybr_color", "train", "ultrasound", "chest", dicom_views, pydicom_file("examples_ybr_color.dcm")),
-        Source("skimage:retina", "train", "fundus photograph", "eye", photo_views, package_file("skimage", "data/retina.jpg")),
+        Source("pydicom-data:explicit_VR-UN", "train", "CT", "abdomen", dicom_views, pydicom_file("explicit_VR-UN.dcm"), "axial"),
+        Source("pydicom-data:bad_sequence", "train", "CT", None, dicom_views, pydicom_file("bad_sequence.dcm"), "axial"),
+        Source("pydicom-data:MR2", "train", "MRI", None, dicom_views, pydicom_file("MR2_UNCR.dcm")),
+        Source("pydicom-data:emri_small", "train", "MRI", None, dicom_views, pydicom_file("emri_small.dcm")),
+        Source("pydicom-data:US-ALOKA", "train", "ultrasound", "chest", dicom_views, pydicom_file("gdcm-US-ALOKA-16.dcm")),
+        Source("pydicom-data:JPGLossless_US", "train", "ultrasound", None, dicom_views, pydicom_file("JPGLosslessP14SV1_1s_1f_8b.dcm")),
+        Source("pydicom-data:RG1", "train", "X-ray", "chest", dicom_views, pydicom_file("RG1_UNCR.dcm")),
+        Source("skimage:retina", "train", "fundus photograph", "eye", fundus_views, package_file("skimage", "data/retina.jpg")),
         Source("skimage:ihc", "train", "histology", "tissue", photo_views, package_file("skimage", "data/ihc.png")),
         Source("invesalius:Cranium", "train", "CT", "head", ct_volume_views, invesalius_file()),
         Source("mricron:colin27", "train", "MRI", "head", mri_volume_views, colin if colin.exists() else None, atlas=True),
@@ -356,10 +385,11 @@ def catalogue() -> list[Source]:
         Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),
         Source("nibabel:mra_mip", "val", "MRI", None, dicom_views, package_file("nibabel", "nicom/tests/data/slicethickness_empty_string.dcm")),
         Source("nibabel:anatomical", "val", "MRI", "head", mri_volume_views, package_file("nibabel", "tests/data/anatomical.nii")),
+        Source("pydicom-data:RG3", "val", "X-ray", None, dicom_views, pydicom_file("RG3_UNCR.dcm")),
         # test
         Source("pydicom:J2K_pixelrep_mismatch", "test", "CT", "head", dicom_views, pydicom_file("J2K_pixelrep_mismatch.dcm"), "axial"),
         Source("pydicom:examples_rgb_color", "test", "ultrasound", None, dicom_views, pydicom_file("examples_rgb_color.dcm")),
-        Source("skimage:microaneurysms", "test", "fundus photograph", "eye", photo_views, package_file("skimage", "data/microaneurysms.png")),
+        Source("skimage:microaneurysms", "test", "fundus photograph", "eye", fundus_views, package_file("skimage", "data/microaneurysms.png")),
         Source("nibabel:example4d", "test", "MRI", "head", mri_volume_views, package_file("nibabel", "tests/data/example4d.nii.gz")),
     ]
 
@@ -367,7 +397,7 @@ def catalogue() -> list[Source]:
 def load_views(source: Source, rng: random.Random, scale: Scale) -> list[View]:
     """All views of one source, or none with a warning when it is missing or cannot be decoded."""
     if source.path is None:
-        hint = {"invesalius": "apt-get install invesalius-examples", "mricron": "apt-get install mricron-data"}
+        hint = {"invesalius": "apt-get install invesalius-examples", "mricron": "apt-get install mricron-data", "pydicom-data": "pip install pydicom-data==1.0.0"}
         warnings.warn(f"offline-med: skipping {source.id}: not installed ({hint.get(source.id.split(':')[0], 'missing file')})", stacklevel=2)
         return []
     try:

@@ -62,9 +62,9 @@ LORA_ALPHA = 32
 # (tower ~0.9 s per image once, ~1.1 s per 41-crop sample and step); "smoke" is for tests.
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
-        StagePlan("tiny-med-stage1", "captions.jsonl", 128, 32),
+        StagePlan("tiny-med-stage1", "captions.jsonl", 432, 72),
         StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4),
-        StagePlan("tiny-med-stage3", "train.jsonl", 1840, 100, 5e-4),
+        StagePlan("tiny-med-stage3", "train.jsonl", 1600, 100, 5e-4),
     ),
     "smoke": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 2, 1),
