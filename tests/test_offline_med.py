@@ -192,3 +192,91 @@ def test_volumes_give_planes_windows_and_atlas_regions(records):
     assert atlas and all(r["source"] == "mricron:colin27" for r in atlas)
     open_answers = [r["conversations"][1]["value"] for r in atlas if r["answer_type"] == "open"]
     assert all(re.match(r"^(left|right|vermis) ", a) for a in open_answers)
+
+
+def test_training_yes_no_questions_come_in_mirrored_pairs(records):
+    """Each training yes/no fact question has a twin on the same image with the other answer,
+    so an answer prior cannot lower the loss; held-out splits keep one question per fact."""
+    facts = ("modality", "body_region", "plane", "window")
+
+    def answers_per_image(split: str) -> Counter:
+        return Counter(
+            (r["image"], r["family"], r["conversations"][1]["value"])
+            for r in records[split]
+            if r["family"] in facts and r.get("options") == ["yes", "no"]
+        )
+
+    train = answers_per_image("train")
+    assert train
+    for image, family, answer in train:
+        assert (image, family, "no" if answer == "yes" else "yes") in train, (image, family)
+    for split in ("val", "test"):
+        held_out = answers_per_image(split)
+        assert all(held_out[(i, f, "yes")] + held_out[(i, f, "no")] == 1 for i, f, _ in held_out)
+
+
+def test_training_lesion_presence_is_asked_with_and_without_the_lesion(built, records):
+    presence = [r for r in records["train"] if r["family"] == "finding" and r.get("options") == ["yes", "no"]]
+    answers = [r["conversations"][1]["value"] for r in presence]
+    assert answers.count("yes") == answers.count("no")
+    for first, second in zip(presence[::2], presence[1::2], strict=True):  # written back to back
+        assert {first["conversations"][1]["value"], second["conversations"][1]["value"]} == {"yes", "no"}
+        assert first["source"] == second["source"]
+        a, b = (np.asarray(Image.open(built / r["image"]).convert("L"), dtype=np.int16) for r in (first, second))
+        changed = np.abs(a - b) > 8
+        assert 0 < changed.mean() < 0.05  # the same view; only the lesion differs
+
+
+def test_monochrome1_radiographs_are_shown_with_bone_bright(tmp_path):
+    """MONOCHROME1 stores white as the lowest value (CR/DX); the builder must invert it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    stored = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (64, 1))  # dark-to-bright ramp as stored
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID, "CR"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 64, 64, 1, "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = stored.tobytes()
+    path = tmp_path / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    pixels, _ = offline_med_sources.read_dicom(path)
+    assert pixels[0, 0] > pixels[0, -1]  # the lowest stored value is now the brightest
+
+
+def test_fundus_views_include_red_free_and_zoomed_renderings():
+    retina = next(s for s in offline_med_sources.catalogue() if s.id == "skimage:retina")
+    scale = replace(offline_med_sources.SCALES["small"], views_2d=6)
+    views = list(offline_med_sources.fundus_views(retina, random.Random(0), scale))
+    grey = [v for v in views if (lambda a: np.array_equal(a[..., 0], a[..., 1]))(np.asarray(v.image))]
+    assert len(grey) == 4 and len(views) - len(grey) == 2  # colour, red-free, zoomed red-free
+    assert all(v.modality == "fundus photograph" and v.body_region == "eye" for v in views)
+
+
+def frame_thumbnail(path: Path) -> np.ndarray:
+    """A DICOM's middle frame as a 32 x 32 grey thumbnail, zero-mean and unit-norm."""
+    pixels = offline_med_sources.read_dicom(path)[0]
+    multi_frame = pixels.ndim == 4 or (pixels.ndim == 3 and pixels.shape[-1] != 3)
+    frame = pixels[len(pixels) // 2] if multi_frame else pixels
+    image = offline_med_sources.autocontrast(frame).convert("L").resize((32, 32), Image.BILINEAR)
+    values = np.asarray(image, dtype=np.float32).ravel()
+    values -= values.mean()
+    return values / max(float(np.linalg.norm(values)), 1e-6)
+
+
+def test_no_held_out_source_reappears_under_another_file_name():
+    """pydicom and pydicom-data ship re-encodings of the same pixels under other names (e.g.
+    US1_UNCR.dcm is examples_rgb_color.dcm); a source in two splits would leak its answers."""
+    known_copy = offline_med_sources.pydicom_file("US1_UNCR.dcm")
+    dicoms = [s for s in offline_med_sources.catalogue() if s.path is not None and s.path.suffix == ".dcm"]
+    thumbs = {s.id: (s.split, frame_thumbnail(s.path)) for s in dicoms}
+    if known_copy is not None:  # the check itself must catch a real copy
+        assert float(frame_thumbnail(known_copy) @ thumbs["pydicom:examples_rgb_color"][1]) > 0.99
+    for a, (split_a, ta) in thumbs.items():
+        for b, (split_b, tb) in thumbs.items():
+            if a < b and split_a != split_b:
+                assert float(ta @ tb) < 0.95, (a, b)  # two head CTs of different patients: 0.89
