@@ -61,11 +61,12 @@ def add_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...
 
 
 def adapters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained updates of `module` as `{name}.lora_A` / `{name}.lora_B` (scale folded in)."""
+    """The trained updates of `module` as `{name}.lora_A` / `{name}.lora_B` (scale folded in), on
+    the CPU like adapters read from a file, whatever device the model trains on."""
     tensors = {}
     for name, child in module.named_modules():
         if isinstance(child, LoRALinear):
-            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = child.folded()
+            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = (t.cpu() for t in child.folded())
     return tensors
 
 
@@ -101,7 +102,7 @@ def apply_adapters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
         if (b.shape[0], a.shape[1]) != tuple(layer.weight.shape):
             raise ValueError(f"adapter {name}: update {(b.shape[0], a.shape[1])} does not fit weight {tuple(layer.weight.shape)}")
         with torch.no_grad():
-            layer.weight += (b @ a).to(layer.weight.dtype)
+            layer.weight += (b.to(layer.weight.device) @ a.to(layer.weight.device)).to(layer.weight.dtype)
     return len(names)
 
 
