@@ -264,7 +264,7 @@ Research demo, **not for diagnostic use**.
 
 ## Data
 offline-med (docs/offline-med.md), scale `{manifest["scale"]}`, seed {manifest["seed"]}: images
-rendered from DICOMs, photos and volumes that install offline (pydicom, nibabel, scikit-image,
+rendered from DICOMs, photos and volumes that install offline (pydicom, pydicom-data, nibabel, scikit-image,
 Debian `invesalius-examples` and `mricron-data`), with questions whose answers are known facts
 (modality, body region, plane, CT window, laterality, atlas region, simulated findings, tiny
 dots and labels). Train / val / test are split by source image or volume. Training sources:
