@@ -128,9 +128,8 @@ def run_variant(
     result_path = folder / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    init = variant_init(
-        base_model_dir(), VARIANTS[name], args.output / "init" / name.replace("+", "")
-    )
+    start = base_model_dir() if args.init == "tiny-base" else Path(args.init)
+    init = variant_init(start, VARIANTS[name], args.output / "init" / name.replace("+", ""))
     started = time.time()
     if not (folder / FINAL_DIR / "config.json").is_file():
         train(
@@ -227,6 +226,7 @@ def summarise(results: list[dict], args: argparse.Namespace, n_train: int) -> di
         "seeds": complete,
         "seeds_partial": sorted({r["seed"] for r in results} - set(complete)),
         "recipe": RECIPE,
+        "init": args.init,
         "train_samples_per_variant": args.samples,
         "lora_rank": LORA_RANK,
         "epochs": EPOCHS,
@@ -289,8 +289,7 @@ def markdown(summary: dict) -> str:
     return f"""# Zoom-in ablation in miniature (paper tables 1 and 3)
 
 `python -m training ablation --json` (code: `training/ablation.py`). The tiny recipe
-`{summary["recipe"]}` is trained from the same untrained tiny model (SmolLM2-135M + EfficientNet-Lite0,
-random calibrated projector) with the same budget ({summary["train_samples_per_variant"]} samples x {summary.get("epochs", "?")} epochs,
+`{summary["recipe"]}` is trained from the same starting model ({start_text(summary.get("init", "tiny-base"))}) with the same budget ({summary["train_samples_per_variant"]} samples x {summary.get("epochs", "?")} epochs,
 half fine-detail half coarse closed questions drawn from {summary["train_pool"]} offline-med TRAIN
 questions, same order for every variant) for each geometry; only `Geometry.levels` differs.
 As in the reproduction run, the tower is frozen (its features are cached once per image); the
@@ -333,6 +332,17 @@ are fixed){partial}.
 """
 
 
+def start_text(init: str) -> str:
+    """How the docs name the ablation's starting model."""
+    if init == "tiny-base":
+        return "`tiny-base`: SmolLM2-135M + EfficientNet-Lite0 as packaged, random calibrated projector"
+    return (
+        f"`{init}`: tiny after reproduce-tiny's stage 1, i.e. the projector aligned on captions "
+        "with every level, the LLM as packaged; each variant then trains the projector further "
+        "on its own crops"
+    )
+
+
 def write_docs(summary: dict, docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -349,6 +359,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--samples", type=int, default=240, help="training samples per variant (same for all)"
+    )
+    parser.add_argument(
+        "--init",
+        default="tiny-base",
+        help="model folder every variant starts from (default tiny-base: the untrained tiny; "
+        "runs/reproduce-tiny/stage1/final starts from a captions-aligned projector)",
     )
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (0,1,2 for error bars)")
     parser.add_argument("--fine", type=int, default=64, help="test fine-detail questions (closed)")
