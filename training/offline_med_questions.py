@@ -115,6 +115,7 @@ def closed_yes_no(rng: random.Random, bal: Balancer, kind: str, truth: str, voca
 
 
 def yes_no_turn(rng: random.Random, answer_yes: bool, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
+    """'Is this X?' asking the truth when `answer_yes`, else a random other member."""
     asked = truth if answer_yes else rng.choice([v for v in vocab if v != truth])
     return Turn(template.format(asked) + " Answer yes or no.", yes_no(answer_yes), ("yes", "no"))
 
