@@ -119,7 +119,7 @@ def test_ablation_summary_keys():
         for s in (0, 1)
         for v, f in (("L", 0.5), ("L+M", 0.5), ("L+H", 0.75), ("L+M+H", 0.75))
     ]
-    summary = ablation.summarise(results, Namespace(samples=8, init="runs/x/stage1/final"), n_train=10)
+    summary = ablation.summarise(results, Namespace(samples=8, init="runs/x/stage1/final", output="runs/x-ablation"), n_train=10)
     assert set(summary["variants"]) == {"L", "L+M", "L+H", "L+M+H"} and summary["seeds"] == [0, 1]
     assert summary["init"] == "runs/x/stage1/final" and "runs/x/stage1/final" in ablation.markdown(summary)
     assert (
