@@ -344,11 +344,13 @@ def start_text(init: str) -> str:
     """How the docs name the ablation's starting model."""
     if init == "tiny-base":
         return "`tiny-base`: SmolLM2-135M + EfficientNet-Lite0 as packaged, random calibrated projector"
-    return (
-        f"`{init}`: tiny after reproduce-tiny's stage 1, i.e. the projector aligned on captions "
-        "with every level, the LLM as packaged; each variant then trains the projector further "
-        "on its own crops"
-    )
+    if Path(init).parts[-2:] == ("stage1", "final"):
+        return (
+            f"`{init}`: tiny after reproduce-tiny's stage 1, i.e. the projector aligned on captions "
+            "with every level, the LLM as packaged; each variant then trains the projector further "
+            "on its own crops"
+        )
+    return f"`{init}`; each variant trains the projector further on its own crops"
 
 
 def write_docs(summary: dict, docs: Path) -> None:
