@@ -122,6 +122,12 @@ def test_feature_cache_equals_encode_images_for_every_geometry(levels, tmp_path)
     os.utime(path, ns=(mtime, mtime))
     FeatureCache(tmp_path / "cache").features(model, processor.image_processor, path)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2 and stored.is_file()
+    written = {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").rglob("*.safetensors")}
+    FeatureCache(tmp_path / "cache").ensure(model, processor.image_processor, path)  # stored: untouched
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "cache").rglob("*.safetensors")} == written
+    fresh = FeatureCache(tmp_path / "other")
+    fresh.ensure(model, processor.image_processor, path)  # missing: computed and stored
+    assert len(list((tmp_path / "other").rglob("*.safetensors"))) == 1
 
 
 def test_whole_evaluation_with_baselines(data_dir, tmp_path):

@@ -113,6 +113,13 @@ class FeatureCache:
         write_features(found, file)
         return found
 
+    def ensure(self, model, image_processor, image_path: str | Path) -> None:
+        """Compute and store an image's features unless they are stored already (a fill pass
+        over a dataset need not read back what an earlier stage or variant wrote)."""
+        file = self._file(self.model_key(model, image_processor), Path(image_path))
+        if file is None or not file.is_file():
+            self.features(model, image_processor, image_path)
+
     @staticmethod
     def embeds(model, found: ImageFeatures, levels: tuple[str, ...]) -> torch.Tensor:
         """Visual embeddings for the crops of `levels`, in model order (low, medium, high),

@@ -451,11 +451,11 @@ def zero_stage(accelerator) -> int:
 
 def fill_feature_cache(cache: FeatureCache, model: nn.Module, processor, image_paths: list[Path], show: bool) -> None:
     """Run the frozen tower once on every image this process will see (a progress bar; images
-    cached by an earlier stage, variant or evaluation are read back from disk)."""
+    cached by an earlier stage, variant or evaluation are skipped)."""
     from tqdm import tqdm
 
     for path in tqdm(image_paths, desc="tower features", disable=not show):
-        cache.features(model, processor.image_processor, path)
+        cache.ensure(model, processor.image_processor, path)
 
 
 def cached_embeds(cache: FeatureCache, model: nn.Module, processor, image_paths: list[str]) -> list[torch.Tensor]:
