@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from training import ablation
 from training.offline_eval import score
+from training.offline_med import write_jsonl
 from training.recipe import load_recipe
+from training.replay_text import replay_records, training_images
 from training.reproduce import (
     BUDGETS,
     LORA_RANK,
@@ -33,7 +35,7 @@ def data_dir(tmp_path_factory):
 
 def test_overrides_freeze_the_tower_and_give_the_llm_adapters(data_dir):
     for index, plan in enumerate(BUDGETS["cpu"], start=1):
-        recipe = load_recipe(plan.recipe, stage_overrides(plan, "tiny", data_dir, seed=3))
+        recipe = load_recipe(plan.recipe, stage_overrides(plan, "tiny", data_dir, seed=3, replay="replay.jsonl"))
         trains_llm = index > 1  # the recipes: stage 1 aligns the projector, 2-3 train the LLM
         assert (recipe.tune.projector, recipe.tune.vision_encoder, recipe.tune.llm) == (
             True,
@@ -48,9 +50,9 @@ def test_overrides_freeze_the_tower_and_give_the_llm_adapters(data_dir):
             and recipe.mixed_precision == "bf16"
             and recipe.epochs == 1
         )
-        assert [(d.path, d.count, d.image_root) for d in recipe.datasets] == [
-            (plan.data, plan.count, ".")
-        ]
+        assert [(d.path, d.count, d.image_root, d.interleave_every) for d in recipe.datasets] == [
+            (plan.data, plan.count, ".", None)
+        ] + ([("replay.jsonl", None, ".", plan.replay_every)] if trains_llm else [])
     assert (
         load_recipe("tiny-med-stage1").tune.vision_encoder is True
     )  # the recipe file is untouched
@@ -58,13 +60,18 @@ def test_overrides_freeze_the_tower_and_give_the_llm_adapters(data_dir):
 
 def test_stages_chain_skip_when_done_and_export_the_assets(data_dir, tmp_path):
     init = random_model_dir(tmp_path / "init")
-    final, log = run_stages(BUDGETS["smoke"], data_dir, tmp_path / "run", init=str(init))
+    replay = replay_records(["Count from 1 to 3.", "Say hi."], ["1, 2, 3", "Hi!"], training_images(data_dir), seed=0, with_image=1.0)
+    write_jsonl(data_dir / "replay-test.jsonl", replay)
+    final, log = run_stages(BUDGETS["smoke"], data_dir, tmp_path / "run", init=str(init), replay="replay-test.jsonl")
     assert final.endswith("stage3/final") and [e["recipe"] for e in log] == [
         "tiny-med-stage1",
         "tiny-med-stage2",
         "tiny-med-stage3",
     ]
     assert log[1]["overrides"][0] == f"init_from={tmp_path / 'run' / 'stage1' / 'final'}"
+    # stages 2-3 of the smoke budget: 4 samples = 2 main steps, with a replay step between them
+    assert [e["resolved"].get("interleaved") for e in log] == [{}, {"replay": 2}, {"replay": 2}]
+    assert [e["steps"] for e in log] == [1, 3, 3]
     _, again = run_stages(BUDGETS["smoke"], data_dir, tmp_path / "run", init=str(init))
     assert all(e.get("skipped") for e in again)
     assert again[2]["resolved"]["tune"] == {
@@ -76,7 +83,7 @@ def test_stages_chain_skip_when_done_and_export_the_assets(data_dir, tmp_path):
     scores = score(rows) | {"seed": 0}
     result = scores | {"baselines": {"no_image": score(rows), "untrained_projector": score(rows)}}
     card = model_card(result, again, "smoke", data_dir)
-    assert "| 3 | `tiny-med-stage3` | 2 x 1 epochs |" in card and "**100.0%**" in card
+    assert "| 3 | `tiny-med-stage3` | 4 x 1 epochs + replay every 2 steps |" in card and "**100.0%**" in card
     projector = load_file(
         export_projector(
             tmp_path / "run" / "stage3" / "final", tmp_path / "assets" / "projector.safetensors"

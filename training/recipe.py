@@ -54,8 +54,8 @@ class DatasetSpec:
 
     def validate(self) -> None:
         if self.interleave_every is not None:
-            if self.interleave_every < 1:
-                raise ValueError(f"dataset {self.name}: interleave_every must be >= 1")
+            if self.interleave_every < 2:  # 1 would leave no step for the main data
+                raise ValueError(f"dataset {self.name}: interleave_every must be >= 2")
             return
         if (self.weight is None) == (self.count is None):
             raise ValueError(f"dataset {self.name}: give exactly one of weight or count")

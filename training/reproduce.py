@@ -21,6 +21,10 @@ recorded in the model card, never written into the recipe files:
 - `mixed_precision=bf16`: this CPU has AVX-512 bf16; autocast makes a step ~20% faster;
 - `gradient_checkpointing=false`: recomputing the forward pass costs ~1/3 more time for memory
   this machine does not need (sequences ~280 tokens);
+- a `replay` stream in stages 2 and 3 (`interleave_every`): the paper keeps the LLM's zero-shot
+  ability with text-only data (appendix A); offline, the packaged LLM's own answers to general
+  requests stand in for it (training/replay_text.py). Without it the adapters, trained on short
+  answers only, made the model answer "Count from 1 to 10." with "1";
 - `epochs` and the sample `count` of each stage (the CPU budget, `--budget`), and `save_steps`.
 
 Resumable: a stage whose `final/` exists is skipped, an interrupted one resumes from its latest
@@ -41,6 +45,7 @@ from dragonfly_med.lora import ADAPTER_FILE
 from dragonfly_med.tiny import base_model_dir
 from training.offline_eval import PER_FAMILY
 from training.offline_med import add_data_argument, ensure_built
+from training.replay_text import ensure_replay
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
@@ -54,6 +59,7 @@ class StagePlan:
     count: int
     save_steps: int
     learning_rate: float | None = None
+    replay_every: int | None = None  # one micro-batch of replay data every N optimizer steps
 
 
 LORA_RANK = 16
@@ -63,26 +69,30 @@ LORA_ALPHA = 32
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 432, 72),
-        StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4),
-        StagePlan("tiny-med-stage3", "train.jsonl", 1600, 100, 5e-4),
+        StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4, replay_every=5),
+        StagePlan("tiny-med-stage3", "train.jsonl", 1600, 100, 5e-4, replay_every=5),
     ),
     "smoke": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 2, 1),
-        StagePlan("tiny-med-stage2", "train.jsonl", 2, 1, 5e-4),
-        StagePlan("tiny-med-stage3", "train.jsonl", 2, 1, 5e-4),
+        StagePlan("tiny-med-stage2", "train.jsonl", 4, 1, 5e-4, replay_every=2),
+        StagePlan("tiny-med-stage3", "train.jsonl", 4, 1, 5e-4, replay_every=2),
     ),
 }
+# The replay data of each budget: (how many of the requests, max new tokens per answer).
+REPLAY: dict[str, tuple[int | None, int]] = {"cpu": (None, 256), "smoke": (3, 16)}
 
 
 def stage_overrides(
-    plan: StagePlan, init_from: str, data_dir: Path, seed: int | None = None
+    plan: StagePlan, init_from: str, data_dir: Path, seed: int | None = None, replay: str | None = None
 ) -> list[str]:
     """The recipe overrides of one stage (see the module docstring for why each exists)."""
-    dataset = f"[{{name: offline-med-{Path(plan.data).stem}, path: {plan.data}, image_root: ., count: {plan.count}, domain: biomedical}}]"
+    dataset = f"{{name: offline-med-{Path(plan.data).stem}, path: {plan.data}, image_root: ., count: {plan.count}, domain: biomedical}}"
+    if replay and plan.replay_every:
+        dataset += f", {{name: replay, path: {replay}, image_root: ., interleave_every: {plan.replay_every}}}"
     overrides = [
         f"init_from={init_from}",
         f"data_root={data_dir}",
-        f"datasets={dataset}",
+        f"datasets=[{dataset}]",
         "tune.vision_encoder=false",
         "gradient_checkpointing=false",
         "mixed_precision=bf16",
@@ -104,16 +114,18 @@ def run_stages(
     out: Path,
     init: str,
     seed: int | None = None,
+    replay: str | None = None,
 ) -> tuple[str, list[dict]]:
     """Run the stages in order through the engine, skipping finished ones and resuming
-    interrupted ones. Returns the last stage's final folder and a log of what ran."""
+    interrupted ones. `replay`: the replay data file (in `data_dir`) of the stages that mix it
+    in. Returns the last stage's final folder and a log of what ran."""
     from training.recipe import load_recipe
     from training.trainer import FINAL_DIR, train
 
     log = []
     for index, plan in enumerate(stages, start=1):
         folder = out / f"stage{index}"
-        overrides = stage_overrides(plan, init, data_dir, seed)
+        overrides = stage_overrides(plan, init, data_dir, seed, replay)
         entry = {
             "stage": index,
             "recipe": plan.recipe,
@@ -141,7 +153,8 @@ def run_stages(
             keys = ("learning_rate", "epochs", "gradient_checkpointing", "seed", "init_from")
             entry["resolved"] = {k: data.get(k) for k in keys} | {
                 "tune": data["tune"],
-                "samples": {d["name"]: d["count"] for d in data["datasets"]},
+                "samples": {d["name"]: d["count"] for d in data["datasets"] if d["count"] is not None},
+                "interleaved": {d["name"]: d["interleave_every"] for d in data["datasets"] if d["count"] is None},
             }
         metrics = folder / "metrics.jsonl"
         if metrics.is_file():
@@ -235,9 +248,10 @@ def model_card(result: dict, log: list[dict], budget: str, data_dir: Path) -> st
 
     def samples(e: dict) -> str:
         r = e.get("resolved", {})
-        return (
-            f"{sum(r.get('samples', {}).values())} x {r.get('epochs', '?'):g} epochs" if r else "?"
-        )
+        if not r:
+            return "?"
+        text = f"{sum(r.get('samples', {}).values())} x {r.get('epochs', '?'):g} epochs"
+        return text + "".join(f" + {name} every {n} steps" for name, n in r.get("interleaved", {}).items())
 
     train_s = sum(float(e.get("train_seconds") or 0) for e in log)
     stage_lines = "\n".join(
@@ -283,7 +297,11 @@ Deviations from the recipes, on purpose (`training/reproduce.py` says why): the 
 stays frozen (its features are computed once per image and cached); the LLM learns through LoRA
 adapters instead of its full weights (the 30 MB asset budget); adapters and projector train at
 5e-4 in stages 2-3; bf16 autocast; one pass over each stage's samples. Gradient checkpointing
-changes speed only, not the numbers.
+changes speed only, not the numbers. In place of the paper's text-only streams (OpenHermes,
+MathInstruct), stages 2-3 replay the packaged LLM's own greedy answers to ~100 general requests
+(counting, explanations, short writing; some asked with an unrelated image attached) every few
+steps (`training/replay_text.py`), so that the adapters do not teach it to answer everything in
+one word.
 
 ## Scores (test split: {result.get("per_family")} questions per family drawn with seed {result["seed"]}, {result["n"]} in all; the same questions for every system)
 Overall closed accuracy **{fmt(result["closed_accuracy"])}%** (no image: {fmt(base["no_image"]["closed_accuracy"])}%,
@@ -363,7 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     ensure_built(args.data, args.data_seed, args.scale)
-    final, log = run_stages(BUDGETS[args.budget], args.data, args.output, str(base_model_dir()))
+    limit, max_new_tokens = REPLAY[args.budget]
+    replay = ensure_replay(args.data, base_model_dir(), max_new_tokens, limit)
+    final, log = run_stages(BUDGETS[args.budget], args.data, args.output, str(base_model_dir()), replay=replay.name)
     projector = export_projector(Path(final), args.assets / "projector.safetensors")
     adapters = export_adapters(Path(final), args.assets / ADAPTER_FILE)
     for asset in (projector, adapters):
