@@ -64,7 +64,7 @@ class StagePlan:
 
 LORA_RANK = 16
 LORA_ALPHA = 32
-# Sample counts per stage. "cpu" fits this 2-core machine in ~75 minutes with the evaluation
+# Sample counts per stage. "cpu" fits this 2-core machine in ~83 minutes with the replay data and the evaluation
 # (tower ~0.9 s per image once, ~1.1 s per 41-crop sample and step); "smoke" is for tests.
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
