@@ -215,3 +215,16 @@ def test_zoom_stats_by_hand_and_command(tmp_path, capsys):
     assert main(["zoom-stats", "--data", str(tmp_path / "d.json"), "--image-root", str(tmp_path), "--output", str(png), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_images"] == 2 and out["share_percent"][">= 2x"] == 100.0 and png.stat().st_size > 0
+
+
+def test_an_interleaved_stream_needs_records_and_room_for_the_main_data(tmp_path):
+    """Either would plan forever: every step due to the stream, or a stream with nothing to give."""
+    with pytest.raises(ValueError, match="interleave_every must be >= 2"):
+        DatasetSpec("text", "t", interleave_every=1).validate()
+    row = {"id": "1", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    (tmp_path / "main.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row | {"id": "2"}) + "\n")
+    (tmp_path / "text.jsonl").write_text("")
+    datasets = "[{name: main, path: main.jsonl, count: 2}, {name: text, path: text.jsonl, interleave_every: 2}]"
+    recipe = load_recipe("tiny-general-stage2", [f"data_root={tmp_path}", f"datasets={datasets}", "global_batch_size=1"])
+    with pytest.raises(ValueError, match=r"text\.jsonl\) has no records"):
+        build_mixture(recipe)
