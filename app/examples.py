@@ -47,7 +47,7 @@ CATALOGUE = (
     ("Fundus photo (scikit-image retina)", _skimage_file, "retina.jpg",
      (REPORT, "What imaging modality is this?", "Which body region does this image show?")),
     ("Immunohistochemistry (scikit-image ihc)", _skimage_file, "ihc.png",
-     (REPORT, "What kind of image is this?", "Give a short caption for this image.")),
+     (REPORT, "What imaging modality is this?", "Give a short caption for this image.")),
     ("Retinal microaneurysms (scikit-image)", _skimage_file, "microaneurysms.png",
      (REPORT, "What imaging modality is this?", "Look closely: is there a tiny round dot somewhere in this image?")),
 )
