@@ -25,6 +25,7 @@ from training.reproduce import (
     model_card,
     run_stages,
     stage_overrides,
+    stage_plans,
 )
 
 
@@ -134,3 +135,10 @@ def test_ablation_summary_keys():
         and summary["delta_LMH_minus_L"]["fine_detail"] == 0.25
     )
     assert "**met**" in ablation.markdown(summary)
+
+
+def test_replay_cadence_can_be_changed_or_turned_off():
+    assert stage_plans("cpu") == BUDGETS["cpu"]
+    assert [p.replay_every for p in stage_plans("cpu", 10)] == [None, 10, 10]
+    assert [p.replay_every for p in stage_plans("cpu", 0)] == [None, None, None]
+    assert [p.count for p in stage_plans("cpu", 10)] == [p.count for p in BUDGETS["cpu"]]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -80,6 +80,14 @@ BUDGETS: dict[str, tuple[StagePlan, ...]] = {
 }
 # The replay data of each budget: (how many of the requests, max new tokens per answer).
 REPLAY: dict[str, tuple[int | None, int]] = {"cpu": (None, 256), "smoke": (None, 16)}
+
+
+def stage_plans(budget: str, replay_every: int | None = None) -> tuple[StagePlan, ...]:
+    """The budget's stages, with another replay cadence for the stages that replay if given."""
+    plans = BUDGETS[budget]
+    if replay_every is None:
+        return plans
+    return tuple(replace(p, replay_every=replay_every or None) if p.replay_every else p for p in plans)
 
 
 def stage_overrides(
@@ -367,6 +375,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget", default="cpu", choices=sorted(BUDGETS), help="samples per stage"
     )
     parser.add_argument(
+        "--replay-every",
+        type=int,
+        help="one replay micro-batch every N steps of stages 2-3 (0: none; default: the budget's)",
+    )
+    parser.add_argument(
         "--assets", type=Path, default=ASSETS, help="where the projector and the model card go"
     )
     parser.add_argument(
@@ -383,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_built(args.data, args.data_seed, args.scale)
     limit, max_new_tokens = REPLAY[args.budget]
     replay = ensure_replay(args.data, base_model_dir(), max_new_tokens, limit)
-    final, log = run_stages(BUDGETS[args.budget], args.data, args.output, str(base_model_dir()), replay=replay.name)
+    final, log = run_stages(stage_plans(args.budget, args.replay_every), args.data, args.output, str(base_model_dir()), replay=replay.name)
     projector = export_projector(Path(final), args.assets / "projector.safetensors")
     adapters = export_adapters(Path(final), args.assets / ADAPTER_FILE)
     for asset in (projector, adapters):
