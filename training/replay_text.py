@@ -69,7 +69,7 @@ def generate_answers(model_dir: Path, prompts: list[str], max_new_tokens: int, b
     from dragonfly_med.loading import load_model
 
     model, processor = load_model(model_dir, dtype=torch.float32, device_map="cpu")
-    pad = processor.pad_token_id
+    pad, ends = processor.pad_token_id, set(processor.eos_token_ids)
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="replay answers", unit="batch"):
         batch = [processor.build_prompt_ids(p).input_ids for p in prompts[start : start + batch_size]]
@@ -84,7 +84,6 @@ def generate_answers(model_dir: Path, prompts: list[str], max_new_tokens: int, b
             eos_token_id=processor.eos_token_ids,
             pad_token_id=pad,
         )
-        ends = set(processor.eos_token_ids)
         for row in out[:, width:].tolist():
             finished = any(token in ends for token in row)
             answers.append(processor.decode(row, skip_special_tokens=True).strip() if finished else "")
