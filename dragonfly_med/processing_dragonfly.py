@@ -248,6 +248,7 @@ class DragonflyProcessor(ProcessorMixin):
         max_length: int | None = None,
         padding_side: str | None = None,
         return_tensors: str = "pt",
+        return_pixels: bool = True,
         **kwargs: Any,
     ) -> BatchFeature:
         """Images + conversations -> a padded batch.
@@ -256,12 +257,14 @@ class DragonflyProcessor(ProcessorMixin):
         `text` is a shortcut for single questions. `images` is one image, or one per sample
         (None for a text-only sample). Truncation (`max_length`) drops tokens from the end of the
         text and never cuts the image block; truncated samples are counted in `num_truncated`.
+        `return_pixels=False` plans the crops but skips the pixels (a trainer that reads cached
+        tower features needs only the token layout).
         """
         conversations = _as_conversations(conversation, text)
         image_list = _as_image_list(images, len(conversations))
         real_images = [im for im in image_list if im is not None]
-        pixel = self.image_processor(real_images) if real_images else None
-        plans = self._plans(pixel)
+        pixel = self.image_processor(real_images) if real_images and return_pixels else None
+        plans = self._plans(pixel) if return_pixels else [self.image_processor.plan(im) for im in real_images]
         samples, plan_iter = [], iter(plans)
         for conv, image in zip(conversations, image_list, strict=True):
             plan = next(plan_iter) if image is not None else None

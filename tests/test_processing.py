@@ -111,6 +111,17 @@ def test_padding_sides_and_mixed_batch(llama_processor):
     assert gen["input_ids"][1, -1].item() == NEWLINES
 
 
+def test_planning_without_pixels_gives_the_same_tokens(llama_processor):
+    """A trainer reading cached tower features asks for the token layout only."""
+    images, conversations = [photo(300, 200), None, photo(90, 700)], [[("Q?", "A.")]] * 3
+    full = llama_processor(images, conversations, return_labels=True)
+    planned = llama_processor(images, conversations, return_labels=True, return_pixels=False)
+    assert "pixel_values" not in planned and "num_crops" not in planned
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(planned[key], full[key])
+    assert planned.plans == full.plans
+
+
 def test_truncation_never_cuts_the_image_block(llama_processor):
     long_answer = "word " * 300
     batch = llama_processor([photo(300, 300), photo(300, 300)], [[("Q?", long_answer)], [("Q?", "short")]],

@@ -102,11 +102,15 @@ def load_image(path: Path) -> Image.Image:
 
 class MicroBatches(Dataset):
     """This process's micro-batches, in order, from `start_step` on: item i is micro-batch
-    i % accum of step start_step + i // accum, tokenised with the model's processor."""
+    i % accum of step start_step + i // accum, tokenised with the model's processor. With
+    `pixels=False` (tower features come from the cache) the crops are planned, not rendered."""
 
-    def __init__(self, mixture: Mixture, processor, recipe: Recipe, rank: int, world: int, start_step: int, total_steps: int):
+    def __init__(
+        self, mixture: Mixture, processor, recipe: Recipe, rank: int, world: int, start_step: int, total_steps: int, pixels: bool = True
+    ):
         self.mixture, self.processor, self.recipe = mixture, processor, recipe
         self.rank, self.start_step, self.total_steps = rank, start_step, total_steps
+        self.pixels = pixels
         self.accum = accumulation_steps(recipe, world)
 
     def __len__(self) -> int:
@@ -134,6 +138,7 @@ class MicroBatches(Dataset):
             conversation=[r.turns for r in records],
             return_labels=True,
             max_length=self.recipe.max_seq_length,
+            return_pixels=self.pixels,
         )
         out = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         out["num_truncated"] = batch.num_truncated
@@ -369,7 +374,9 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
             kept = [line for line in paths.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
         paths.metrics.write_text("".join(line + "\n" for line in kept))
 
-    data = MicroBatches(mixture, processor, recipe, accelerator.process_index, accelerator.num_processes, start_step, total_steps)
+    data = MicroBatches(
+        mixture, processor, recipe, accelerator.process_index, accelerator.num_processes, start_step, total_steps, pixels=features is None
+    )
     if features is not None:
         fill_feature_cache(features, accelerator.unwrap_model(model), processor, data.image_paths(), accelerator.is_main_process)
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=recipe.num_workers)
@@ -383,8 +390,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}  # the loader is not prepared
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                if features is not None and "pixel_values" in batch:
-                    del batch["pixel_values"], batch["num_crops"]
+                if features is not None and image_paths:
                     batch["image_embeds"] = cached_embeds(features, accelerator.unwrap_model(model), processor, image_paths)
                 loss = answer_loss(model, batch)
             accelerator.backward(loss)
