@@ -65,7 +65,7 @@ def test_records_are_text_only_with_a_share_again_on_an_image(tmp_path):
 def test_ensure_replay_writes_once_and_points_at_training_images(tmp_path):
     data_dir = write_fake_offline_med(tmp_path / "data")
     path = ensure_replay(data_dir, base_model_dir(), max_new_tokens=24, limit=len(replay_prompts()))
-    assert path.name == f"replay-{len(replay_prompts())}x24.jsonl"
+    assert path.name == f"replay-{len(replay_prompts())}x24-seed0.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows and {r["image"] for r in rows if "image" in r} <= set(training_images(data_dir))
     stamp = path.stat().st_mtime_ns

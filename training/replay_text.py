@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from training.offline_med import write_jsonl
+
 COUNTS = (5, 10, 12, 15, 20, 25, 30, 40, 50, 100)
 TERMS = (
     "a CT scan", "an MRI scan", "an ultrasound examination", "a chest X-ray", "a fundus photograph",
@@ -118,9 +120,10 @@ def training_images(data_dir: Path) -> list[str]:
 
 def ensure_replay(data_dir: Path, model_dir: Path, max_new_tokens: int = 256, limit: int | None = None, seed: int = 0) -> Path:
     """Write the replay data into `data_dir` once (~2.5 minutes on this CPU); reuse it afterwards.
-    The file is named by its size, so that a smoke run's replay never stands in for a full one."""
+    The file is named by its size and seed, so that a smoke run's replay never stands in for a
+    full one, nor one seed's choice of images for another's."""
     prompts = replay_prompts()[:limit]
-    target = data_dir / f"replay-{len(prompts)}x{max_new_tokens}.jsonl"
+    target = data_dir / f"replay-{len(prompts)}x{max_new_tokens}-seed{seed}.jsonl"
     if target.is_file():
         return target
     answers = generate_answers(model_dir, prompts, max_new_tokens)
@@ -128,7 +131,7 @@ def ensure_replay(data_dir: Path, model_dir: Path, max_new_tokens: int = 256, li
     if not records:
         raise ValueError(f"no replay answer ended within {max_new_tokens} tokens: raise the limit")
     partial = target.with_suffix(".partial")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(partial, records)
     partial.replace(target)
     print(f"[replay] {len(records)} records from {len(prompts)} requests -> {target}")
     return target
