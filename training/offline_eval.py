@@ -362,7 +362,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="tiny", help="'tiny', a model directory or a run's final folder"
     )
     add_data_argument(parser)
-    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val", "train"], help="train: how well it fits what it saw"
+    )
     parser.add_argument(
         "--per-family",
         type=int,
