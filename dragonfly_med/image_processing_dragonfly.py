@@ -24,6 +24,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from .geometry import CropPlan, Geometry, plan_crops
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a photo is to be turned for display
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # EfficientNet-Lite0 was trained on (x - 127) / 128 with x in 0..255, i.e. this after x / 255.
@@ -208,7 +209,7 @@ class DragonflyImageProcessor(BaseImageProcessor):
         if isinstance(image, np.ndarray):
             height, width = rgb_array(image).shape[:2]
             return plan_crops(width, height, self._geometry)
-        return plan_crops(*ImageOps.exif_transpose(image).size, self._geometry)
+        return plan_crops(*oriented_size(image), self._geometry)
 
     # ----------------------------------------------------------------- pixels
 
@@ -281,6 +282,14 @@ class DragonflyImageProcessor(BaseImageProcessor):
                     pixels = np.ascontiguousarray(tiles[row, col].transpose(1, 2, 0))
                     crops.append(Image.fromarray(pixels))
         return plan, crops
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed after EXIF orientation, read from the tag alone: planning
+    needs the size, not transposed pixels (a trainer on cached features plans every sample)."""
+    width, height = image.size
+    turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # the four that turn by 90 degrees
+    return (height, width) if turned else (width, height)
 
 
 def rgb_array(image: ImageLike) -> np.ndarray:

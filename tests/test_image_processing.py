@@ -125,6 +125,10 @@ def test_exif_orientation_is_applied(processor):
     loaded = Image.open(io.BytesIO(buffer.getvalue()))
     assert loaded.size == (120, 60)
     assert processor.plan(loaded).image_size == (60, 120)
+    exif[0x0112] = 3  # upside down: the size stays
+    buffer_180 = io.BytesIO()
+    image.save(buffer_180, format="JPEG", exif=exif, quality=95)
+    assert processor.plan(Image.open(buffer_180)).image_size == (120, 60)
     out = processor(loaded)
     assert out["image_sizes"].tolist() == [[120, 60]]
     upright = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).transpose(Image.Transpose.ROTATE_270))
