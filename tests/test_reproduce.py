@@ -20,6 +20,7 @@ from training.replay_text import replay_records, training_images
 from training.reproduce import (
     BUDGETS,
     LORA_RANK,
+    TURNS_PER_IMAGE,
     export_adapters,
     export_projector,
     model_card,
@@ -51,9 +52,10 @@ def test_overrides_freeze_the_tower_and_give_the_llm_adapters(data_dir):
             and recipe.mixed_precision == "bf16"
             and recipe.epochs == 1
         )
-        assert [(d.path, d.count, d.image_root, d.interleave_every) for d in recipe.datasets] == [
-            (plan.data, plan.count, ".", None)
-        ] + ([("replay.jsonl", None, ".", plan.replay_every)] if trains_llm else [])
+        assert [(d.path, d.count, d.image_root, d.interleave_every, d.turns_per_image) for d in recipe.datasets] == [
+            (plan.data, plan.count, ".", None, TURNS_PER_IMAGE if trains_llm else None)
+        ] + ([("replay.jsonl", None, ".", plan.replay_every, None)] if trains_llm else [])
+        assert recipe.micro_batch_size == recipe.global_batch_size == 2
     assert (
         load_recipe("tiny-med-stage1").tune.vision_encoder is True
     )  # the recipe file is untouched

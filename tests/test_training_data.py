@@ -4,6 +4,7 @@ seeded mixtures with interleaved text-only steps, and dedup."""
 import gzip
 import json
 import pickle
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ from PIL import Image
 
 from training.__main__ import main
 from training.convert import convert, report_section
-from training.data import build_mixture, plan_steps, read_records
+from training.data import Record, build_mixture, join_per_image, plan_steps, read_records
 from training.dedup import dedup
 from training.recipe import DatasetSpec, load_recipe
 
@@ -228,3 +229,25 @@ def test_an_interleaved_stream_needs_records_and_room_for_the_main_data(tmp_path
     recipe = load_recipe("tiny-general-stage2", [f"data_root={tmp_path}", f"datasets={datasets}", "global_batch_size=1"])
     with pytest.raises(ValueError, match=r"text\.jsonl\) has no records"):
         build_mixture(recipe)
+
+
+def test_questions_about_one_image_join_into_conversations_without_losing_or_splitting_any():
+    one = [Record(f"a{i}", Path("a.png"), [(f"qa{i}", f"ra{i}")]) for i in range(5)]
+    chat = Record("a-chat", Path("a.png"), [("c1", "d1"), ("c2", "d2"), ("c3", "d3")])
+    other = Record("b0", Path("b.png"), [("qb", "rb")])
+    text = [Record(f"t{i}", None, [(f"t{i}", "x")]) for i in range(2)]
+    records = one + [chat, other] + text
+    joined = join_per_image(records, max_turns=4, seed=0)
+    assert joined == join_per_image(records, max_turns=4, seed=0)
+    assert [t for r in joined for t in r.turns] != [t for r in records for t in r.turns]  # seeded order
+    assert sorted(t for r in joined for t in r.turns) == sorted(t for r in records for t in r.turns)
+    assert all(len(r.turns) <= 4 for r in joined)
+    holding = [r for r in joined if set(r.turns) & set(chat.turns)]
+    assert len(holding) == 1 and "".join(map(str, chat.turns)) in "".join(map(str, holding[0].turns))  # never split
+    for r in joined:
+        ids = r.meta.get("joined", [r.id])
+        assert r.id == ids[0] and {x.image for x in records if x.id in ids} == {r.image}
+    assert 2 <= sum(r.image is not None and r.image.name == "a.png" for r in joined) <= 3  # 8 turns in chunks of <= 4
+    assert [r for r in joined if r.image is None] == text and other in joined  # alone as they were
+    with pytest.raises(ValueError, match="turns_per_image must be >= 2"):
+        DatasetSpec("a", "a", count=1, turns_per_image=1).validate()

@@ -193,6 +193,8 @@ def load_spec(spec: DatasetSpec, data_root: Path, seed: int) -> list[Record]:
         records = [r for r in records if r.source not in excluded]
     if spec.max_per_image:
         records = cap_per_image(records, spec.max_per_image, seed)
+    if spec.turns_per_image:
+        records = join_per_image(records, spec.turns_per_image, seed)
     if not records:
         raise ValueError(f"dataset {spec.name} ({path}) has no records")
     return records
@@ -206,6 +208,40 @@ def cap_per_image(records: list[Record], k: int, seed: int) -> list[Record]:
     rng = random.Random(seed)
     keep = sorted(i for indices in by_image.values() for i in (indices if len(indices) <= k else rng.sample(indices, k)))
     return [records[i] for i in keep]
+
+
+def join_per_image(records: list[Record], max_turns: int, seed: int) -> list[Record]:
+    """Join the records of each image, in a seeded order, into conversations of at most
+    `max_turns` turns; a record is never split (one longer than `max_turns` stays alone).
+
+    On this model ~75% of a single-question sample's tokens are the image's, so a conversation
+    of four questions costs little more than one. The joined record keeps the first record's
+    id and metadata, with the ids it holds under `meta["joined"]`. Text-only records stay alone."""
+    by_image: dict[str, list[Record]] = {}
+    for index, record in enumerate(records):
+        by_image.setdefault(str(record.image) if record.image is not None else f"text-{index}", []).append(record)
+    rng = random.Random(f"{seed}-join")
+    joined = []
+    for group in by_image.values():
+        rng.shuffle(group)
+        chunk: list[Record] = []
+        for record in group:
+            if chunk and sum(len(r.turns) for r in chunk) + len(record.turns) > max_turns:
+                joined.append(join_records(chunk))
+                chunk = []
+            chunk.append(record)
+        joined.append(join_records(chunk))
+    return joined
+
+
+def join_records(records: list[Record]) -> Record:
+    """One conversation from records about the same image (a single record is returned as is)."""
+    if len(records) == 1:
+        return records[0]
+    first = records[0]
+    turns = [turn for record in records for turn in record.turns]
+    meta = first.meta | {"joined": [r.id for r in records]}
+    return Record(first.id, first.image, turns, first.source, meta)
 
 
 def draw(size: int, n: int, rng: random.Random) -> list[int]:

@@ -40,6 +40,8 @@ class DatasetSpec:
     size (1.0 = every record once, 0.5 = a seeded half, 2.0 = twice). A text-only stream with
     `interleave_every: N` is not part of the epoch: one extra micro-batch of it joins every N-th
     optimizer step (the release's stage 2 mixes OpenHermes every 10 steps, math every 50).
+    `turns_per_image: N` joins single questions about the same image into conversations of up
+    to N turns (LLaVA's layout): the image's tokens are paid for once per conversation.
     """
 
     name: str
@@ -49,6 +51,7 @@ class DatasetSpec:
     count: int | None = None
     interleave_every: int | None = None
     max_per_image: int | None = None
+    turns_per_image: int | None = None
     exclude_sources: list[str] = field(default_factory=list)
     domain: str = "general"
 
@@ -61,6 +64,8 @@ class DatasetSpec:
             raise ValueError(f"dataset {self.name}: give exactly one of weight or count")
         if (self.weight is not None and self.weight <= 0) or (self.count is not None and self.count <= 0):
             raise ValueError(f"dataset {self.name}: weight/count must be positive")
+        if self.turns_per_image is not None and self.turns_per_image < 2:
+            raise ValueError(f"dataset {self.name}: turns_per_image must be >= 2 (1 is the data as it is)")
         if self.domain not in ("general", "biomedical"):
             raise ValueError(f"dataset {self.name}: domain must be general or biomedical")
 
