@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .timing import median_s
+from .timing import median_s, write_section
 
 PREPROCESS_SIZES = ((512, 512), (2000, 800), (4000, 3000))
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -322,15 +322,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write_docs(results: dict[str, Any], path: Path = DOCS) -> None:
     """Replace (or append) only the `## Model` section; other sections belong to others."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = markdown(results).rstrip() + "\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    path.write_text(text)
+    write_section(path, SECTION, markdown(results))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

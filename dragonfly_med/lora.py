@@ -32,26 +32,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self._cast: tuple[tuple, torch.Tensor] | None = None  # (key, frozen weight in autocast dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            out = nn.functional.linear(x, self.base_weight(dtype), self.base.bias)
-        else:
-            out = self.base(x)
-        return out + (x @ self.lora_A.T.to(x.dtype)) @ (self.lora_B.T.to(x.dtype) * self.scale)
-
-    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The frozen weight in `dtype`, cast once and kept. Autocast would cast it anew at every
-        call, forward and backward: on a CPU that reads the whole fp32 LLM twice per step (a
-        fifth of a tiny-model step). Recast when the weight changes in place (`_version`)."""
-        weight = self.base.weight
-        key = (dtype, weight.device, weight._version, weight.data_ptr())
-        if self._cast is None or self._cast[0] != key:
-            self._cast = (key, weight.detach().to(dtype))
-        return self._cast[1]
+        return self.base(x) + (x @ self.lora_A.T.to(x.dtype)) @ (self.lora_B.T.to(x.dtype) * self.scale)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B * scale): the update as saved, so that merging is W += B @ A."""

@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("training.evaluate", "score a model on a biomedical benchmark (paper tables 5 and 6)"),
     "build-offline-med": ("training.offline_med", "build the offline medical VQA set (docs/offline-med.md)"),
     "reproduce-tiny": ("training.reproduce", "data -> tiny-med-stage1..3 -> eval -> assets/tiny/"),
+    "bench-step": ("training.bench_step", "time per trained answer of a tiny-model training step (docs/benchmarks.md)"),
     "ablation": ("training.ablation", "zoom-in ablation L / L+M / L+H / L+M+H (docs/ablation.*)"),
 }
 

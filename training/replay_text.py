@@ -10,7 +10,6 @@ an image in the chat must not stop the model from counting or explaining when th
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -109,13 +108,9 @@ def replay_records(prompts: list[str], answers: list[str], images: list[str], se
 
 def training_images(data_dir: Path) -> list[str]:
     """The distinct images of the training split, relative to the data folder."""
-    images = set()
-    with (data_dir / "train.jsonl").open() as f:
-        for line in f:
-            image = json.loads(line).get("image")
-            if image:
-                images.add(image)
-    return sorted(images)
+    from training.data import read_records
+
+    return sorted({str(r.image) for r in read_records(data_dir / "train.jsonl") if r.image is not None})
 
 
 def ensure_replay(data_dir: Path, model_dir: Path, max_new_tokens: int = 256, limit: int | None = None, seed: int = 0) -> Path:

@@ -8,15 +8,9 @@ recorded in the model card, never written into the recipe files:
   no trained assets) for stage 1, then the previous stage's `final/`: a rerun starts from
   scratch, not from the assets it is about to replace;
 - `data_root` / `datasets`: the offline-med set built by `training.offline_med` (stage 1:
-  its captions; stages 2 and 3: the training records, questions, descriptions and multi-turn
-  chats, a seeded 512 and then every one once plus a seeded share. A stage 3 of short answers
-  only taught the model to answer "Describe this image" with one word);
-- `turns_per_image` for stages 2 and 3: the questions about one image are joined into a
-  conversation of up to 6 turns, as LLaVA's data is laid out. An image is ~210 of a sample's
-  ~275 tokens, so a joined sample teaches several answers for little more than the cost of one:
-  the 3090 training records become 1891 samples. Without it one pass over the records did not
-  fit the budget, and the model underfit them (docs/tiny-default.md);
-- `micro_batch_size=2`: the global batch of 2 in one forward pass (~10% less time per sample);
+  its captions; stage 2: a seeded 512 of the training records; stage 3: every training
+  record once: questions, descriptions and multi-turn chats. A stage 3 of short answers only
+  taught the model to answer "Describe this image" with one word);
 - `tune.vision_encoder=false`: on a 2-core CPU the tower's backward pass triples the step time;
   frozen, its features are computed once per image (training/feature_cache.py);
 - `lora_rank` / `lora_alpha` for stages 2 and 3 (which train the LLM): the LLM's full weights
@@ -66,26 +60,22 @@ class StagePlan:
     save_steps: int
     learning_rate: float | None = None
     replay_every: int | None = None  # one micro-batch of replay data every N optimizer steps
-    turns_per_image: int | None = None  # questions about one image joined into conversations
 
 
 LORA_RANK = 16
 LORA_ALPHA = 32
-MICRO_BATCH = 2  # the recipes' global batch of 2 in one forward pass: ~10% less time per sample on this CPU
-TURNS_PER_IMAGE = 6
-# Sample counts per stage. "cpu" fits this 2-core machine in ~80 minutes with the replay data and the evaluation
-# (tower ~0.9 s per image once, ~0.9 s per joined sample of ~300 tokens); "smoke" is for tests. Stages 2
-# and 3 join each image's questions into conversations (3090 training records -> 1891 samples).
+# Sample counts per stage. "cpu" fits this 2-core machine in ~83 minutes with the replay data and the evaluation
+# (tower ~0.9 s per image once, ~1.1 s per 41-crop sample and step); "smoke" is for tests.
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 432, 72),
-        StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4, replay_every=5, turns_per_image=TURNS_PER_IMAGE),
-        StagePlan("tiny-med-stage3", "train.jsonl", 2200, 100, 5e-4, replay_every=5, turns_per_image=TURNS_PER_IMAGE),
+        StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4, replay_every=5),
+        StagePlan("tiny-med-stage3", "train.jsonl", 1600, 100, 5e-4, replay_every=5),
     ),
     "smoke": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 2, 1),
-        StagePlan("tiny-med-stage2", "train.jsonl", 4, 1, 5e-4, replay_every=2, turns_per_image=TURNS_PER_IMAGE),
-        StagePlan("tiny-med-stage3", "train.jsonl", 4, 1, 5e-4, replay_every=2, turns_per_image=TURNS_PER_IMAGE),
+        StagePlan("tiny-med-stage2", "train.jsonl", 4, 1, 5e-4, replay_every=2),
+        StagePlan("tiny-med-stage3", "train.jsonl", 4, 1, 5e-4, replay_every=2),
     ),
 }
 # The replay data of each budget: (how many of the requests, max new tokens per answer).
@@ -104,8 +94,7 @@ def stage_overrides(
     plan: StagePlan, init_from: str, data_dir: Path, seed: int | None = None, replay: str | None = None
 ) -> list[str]:
     """The recipe overrides of one stage (see the module docstring for why each exists)."""
-    joined = f", turns_per_image: {plan.turns_per_image}" if plan.turns_per_image else ""
-    dataset = f"{{name: offline-med-{Path(plan.data).stem}, path: {plan.data}, image_root: ., count: {plan.count}, domain: biomedical{joined}}}"
+    dataset = f"{{name: offline-med-{Path(plan.data).stem}, path: {plan.data}, image_root: ., count: {plan.count}, domain: biomedical}}"
     if replay and plan.replay_every:
         dataset += f", {{name: replay, path: {replay}, image_root: ., interleave_every: {plan.replay_every}}}"
     overrides = [
@@ -116,7 +105,6 @@ def stage_overrides(
         "gradient_checkpointing=false",
         "mixed_precision=bf16",
         "epochs=1",
-        f"micro_batch_size={MICRO_BATCH}",
         f"save_steps={plan.save_steps}",
     ]
     if plan.recipe != "tiny-med-stage1":  # stage 1's recipe freezes the LLM
@@ -173,8 +161,8 @@ def run_stages(
             keys = ("learning_rate", "epochs", "gradient_checkpointing", "seed", "init_from")
             entry["resolved"] = {k: data.get(k) for k in keys} | {
                 "tune": data["tune"],
-                "samples": {d["name"]: d["count"] for d in data["datasets"] if d["count"] is not None},
-                "interleaved": {d["name"]: d["interleave_every"] for d in data["datasets"] if d["count"] is None},
+                "samples": {d["name"]: data["plan"]["samples"][d["name"]] for d in data["datasets"] if d["interleave_every"] is None},
+                "interleaved": {d["name"]: d["interleave_every"] for d in data["datasets"] if d["interleave_every"] is not None},
             }
         metrics = folder / "metrics.jsonl"
         if metrics.is_file():
@@ -316,8 +304,7 @@ resolved recipe is in its run folder's `recipe.json`):
 Deviations from the recipes, on purpose (`training/reproduce.py` says why): the vision tower
 stays frozen (its features are computed once per image and cached); the LLM learns through LoRA
 adapters instead of its full weights (the 30 MB asset budget); adapters and projector train at
-5e-4 in stages 2-3; bf16 autocast; one pass over each stage's samples; in stages 2-3 the
-questions about one image are joined into conversations of up to {TURNS_PER_IMAGE} turns. Gradient checkpointing
+5e-4 in stages 2-3; bf16 autocast; one pass over each stage's samples. Gradient checkpointing
 changes speed only, not the numbers. In place of the paper's text-only streams (OpenHermes,
 MathInstruct), stages 2-3 replay the packaged LLM's own greedy answers to ~100 general requests
 (counting, explanations, short writing; some asked with an unrelated image attached) every few
@@ -372,6 +359,14 @@ two unused single-token specials of SmolLM2's vocabulary, so no embedding row is
 """
 
 
+def replay_cadence(text: str) -> int:
+    """--replay-every: 0 (no replay) or N >= 2 (1 would leave no step for the training data)."""
+    every = int(text)
+    if every == 1 or every < 0:
+        raise argparse.ArgumentTypeError(f"{every}: use 0 for no replay, or N >= 2 for one replay step every N")
+    return every
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_argument(parser)
     parser.add_argument(
@@ -389,7 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--replay-every",
-        type=int,
+        type=replay_cadence,
         help="one replay micro-batch every N steps of stages 2-3 (0: none; default: the budget's)",
     )
     parser.add_argument(
