@@ -51,7 +51,6 @@ def step_seconds(model, processor, features, image, way: str) -> tuple[float, in
     from training.trainer import MODEL_INPUTS, answer_loss
 
     levels = processor.image_processor.geometry_obj.levels
-
     answers, started = 0, time.perf_counter()
     for conversations in micro_batches(way):
         batch = processor(images=[image] * len(conversations), conversation=conversations, return_labels=True, return_pixels=False)
