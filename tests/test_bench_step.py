@@ -1,4 +1,4 @@
-"""bench-step: the four ways train the answers they claim, with the real packaged tiny model
+"""bench-step: the three ways train the answers they claim, with the real packaged tiny model
 (SmolLM2 + Lite0 + LoRA), and the command writes only its own section of the benchmarks page."""
 
 from __future__ import annotations

@@ -360,10 +360,16 @@ two unused single-token specials of SmolLM2's vocabulary, so no embedding row is
 
 
 def replay_cadence(text: str) -> int:
-    """--replay-every: 0 (no replay) or N >= 2 (1 would leave no step for the training data)."""
+    """--replay-every: 0 turns replay off; any other value is checked here, as the recipe checks
+    `interleave_every`, rather than after the data build and the replay generation."""
+    from training.recipe import DatasetSpec
+
     every = int(text)
-    if every == 1 or every < 0:
-        raise argparse.ArgumentTypeError(f"{every}: use 0 for no replay, or N >= 2 for one replay step every N")
+    if every:
+        try:
+            DatasetSpec("replay", "replay", interleave_every=every).validate()
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{error} (0: no replay)") from None
     return every
 
 
