@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -82,6 +83,17 @@ def test_subsample_is_seeded_capped_and_prefers_closed(data_dir):
     assert subsample(records, None, ("modality",)) == [
         r for r in records if r["family"] == "modality"
     ]
+
+
+def test_subsample_draws_complementary_questions_whole():
+    records = [
+        {"family": "modality", "answer_type": "closed", "group": f"g{n // 2}", "id": n} for n in range(40)
+    ] + [{"family": "modality", "answer_type": "closed", "id": 40 + n} for n in range(5)]
+    for seed in range(5):
+        picked = subsample(records, 7, seed=seed)
+        assert len(picked) <= 7
+        groups = Counter(r["group"] for r in picked if "group" in r)
+        assert set(groups.values()) <= {2}, groups
 
 
 @pytest.mark.parametrize(

@@ -196,23 +196,42 @@ def test_volumes_give_planes_windows_and_atlas_regions(records):
 
 def test_training_yes_no_questions_come_in_mirrored_pairs(records):
     """Each training yes/no fact question has a twin on the same image with the other answer,
-    so an answer prior cannot lower the loss; held-out splits keep one question per fact."""
+    so an answer prior cannot lower the loss (checked on the questions as first asked: their
+    complements, written after them, go to other images)."""
     facts = ("modality", "body_region", "plane", "window")
-
-    def answers_per_image(split: str) -> Counter:
-        return Counter(
-            (r["image"], r["family"], r["conversations"][1]["value"])
-            for r in records[split]
-            if r["family"] in facts and r.get("options") == ["yes", "no"]
-        )
-
-    train = answers_per_image("train")
+    first_asked = {}
+    for r in records["train"]:
+        if r["family"] in facts and r.get("options") == ["yes", "no"]:
+            first_asked.setdefault(r["group"], r)
+    train = Counter((r["image"], r["family"], r["conversations"][1]["value"]) for r in first_asked.values())
     assert train
     for image, family, answer in train:
         assert (image, family, "no" if answer == "yes" else "yes") in train, (image, family)
-    for split in ("val", "test"):
-        held_out = answers_per_image(split)
-        assert all(held_out[(i, f, "yes")] + held_out[(i, f, "no")] == 1 for i, f, _ in held_out)
+
+
+def test_each_closed_fact_question_is_asked_of_one_image_per_option(records):
+    """Complementary questions: a closed fact question's text is asked of as many images as it
+    offers options, each answering with another one, so that the text alone scores at chance.
+    A family whose split has a single truth (the small build's val: heads only) cannot have
+    them; every other group is complete."""
+    facts = ("modality", "body_region", "plane", "window")
+    for split in SPLITS:
+        groups: dict[str, list[dict]] = {}
+        for r in records[split]:
+            if r["family"] in facts and r["answer_type"] == "closed" and len(r["conversations"]) == 2:
+                groups.setdefault(r["group"], []).append(r)
+        assert groups, split
+        named = {f: {r["conversations"][1]["value"] for r in records[split] if r["family"] == f and r.get("options") != ["yes", "no"]} for f in facts}
+        for members in groups.values():
+            question, options = members[0]["conversations"][0]["value"], members[0]["options"]
+            answers = [m["conversations"][1]["value"] for m in members]
+            assert all(m["conversations"][0]["value"] == question and m["options"] == options for m in members)
+            assert len(set(answers)) == len(answers) and len({m["image"] for m in members}) == len(members)
+            if len(members) < len(options):  # only where the split knows one truth for the family
+                assert len(named[members[0]["family"]]) == 1, (split, question)
+        by_text = Counter((r["conversations"][0]["value"], r["conversations"][1]["value"]) for m in groups.values() for r in m)
+        best_constant = sum(max(n for (q, _), n in by_text.items() if q == text) for text in {q for q, _ in by_text})
+        assert best_constant / sum(by_text.values()) <= 0.6, split
 
 
 def test_training_lesion_presence_is_asked_with_and_without_the_lesion(built, records):

@@ -80,7 +80,9 @@ def subsample(
 
     CPU time, not data, limits how many questions we can ask; a seeded draw per family keeps
     every family represented and makes two runs with the same seed ask the same questions.
-    Closed questions are preferred because accuracy is the headline metric.
+    Closed questions are preferred because accuracy is the headline metric. Complementary
+    questions (records sharing a `group`: one text asked of images with different answers) are
+    drawn whole, so that the question text alone stays at chance on the draw too.
     """
     by_family: dict[str, list[dict]] = defaultdict(list)
     for record in records:
@@ -93,13 +95,27 @@ def subsample(
             rng = random.Random(f"{seed}-{family}")
             closed = [r for r in group if r["answer_type"] == "closed"]
             opened = [r for r in group if r["answer_type"] != "closed"]
-            rng.shuffle(closed)
             rng.shuffle(opened)
             n_open = min(len(opened), per_family // 4)
-            group = closed[: per_family - n_open] + opened[:n_open]
+            group = whole_groups(closed, per_family - n_open, rng) + opened[:n_open]
             group = group + opened[n_open : n_open + per_family - len(group)]
         chosen += group
     return chosen
+
+
+def whole_groups(records: list[dict], limit: int, rng: random.Random) -> list[dict]:
+    """A seeded draw of at most `limit` records that takes each `group` whole or not at all
+    (a record without one is a group of its own)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for n, record in enumerate(records):
+        groups[record.get("group") or f"#{n}"].append(record)
+    units = list(groups.values())
+    rng.shuffle(units)
+    drawn: list[dict] = []
+    for unit in units:
+        if len(drawn) + len(unit) <= limit:
+            drawn += unit
+    return drawn
 
 
 # ---- answering -------------------------------------------------------------------------------

@@ -27,11 +27,13 @@ from training.offline_med_questions import (
     Sample,
     atlas_sample,
     caption_sample,
+    complements,
     fact_samples,
     finding_samples,
     fine_detail_sample,
     laterality_sample,
     multi_turn_sample,
+    truths_present,
 )
 from training.offline_med_sources import (
     SCALES,
@@ -52,12 +54,20 @@ def sources_by_split(sources: list[Source]) -> dict[str, list[Source]]:
     return {split: [s for s in sources if s.split == split] for split in SPLITS}
 
 
-def view_samples(split: str, views: list[View], rng: random.Random, bal: Balancer) -> Iterator[Sample]:
-    """Fact questions, a finding, and where known laterality and atlas questions, per view."""
+def view_samples(split: str, views: list[View], rng: random.Random, bal: Balancer, pick: random.Random) -> Iterator[Sample]:
+    """Fact questions, a finding, and where known laterality and atlas questions, per view;
+    then the complements of every closed fact question (`complements`, images picked by
+    `pick`), so that a question's text alone scores at chance in every split."""
     names = aal_names() if any(v.atlas is not None for v in views) else {}
-    for i, view in enumerate(views):
-        key = f"{view.source}#{i}"
-        yield from fact_samples(view, key, rng, bal, paired=split == "train")
+    keyed = [(f"{view.source}#{i}", view) for i, view in enumerate(views)]
+    present = truths_present(views)
+    to_complement = []
+    for i, (key, view) in enumerate(keyed):
+        for sample in fact_samples(view, key, rng, bal, paired=split == "train", present=present):
+            if sample.answer_type == "closed":
+                sample.group = f"{key}:{sample.turns[0].question}"
+                to_complement.append(sample)
+            yield sample
         yield from finding_samples(view, rng, bal, paired=split == "train")
         if view.midline_x is not None:
             yield from filter(None, [laterality_sample(view, rng, bal) for _ in range(LATERALITY_PER_VIEW)])
@@ -67,6 +77,8 @@ def view_samples(split: str, views: list[View], rng: random.Random, bal: Balance
             yield caption_sample(view, key, rng)
             if i % MULTI_TURN_EVERY == 0:
                 yield multi_turn_sample(view, key, rng, bal)
+    for sample in to_complement:
+        yield from complements(sample, keyed, pick)
 
 
 def fine_detail_samples(split: str, views: list[View], scale: Scale, rng: random.Random, bal: Balancer) -> Iterator[Sample]:
@@ -120,6 +132,8 @@ class Writer:
             record["options"] = list(sample.turns[0].options)
         if sample.detail:
             record["detail"] = sample.detail
+        if sample.group:
+            record["group"] = sample.group
         return record
 
 
@@ -145,7 +159,8 @@ def build(out: Path, seed: int = 0, scale_name: str = "full") -> dict:
             (manifest["sources"].setdefault(split, []) if loaded else manifest["skipped"]).append(source.id)
         rng = random.Random(f"{seed}:{split}")
         bal = Balancer(random.Random(f"{seed}:{split}:balance"))
-        samples = chain(view_samples(split, views, rng, bal), fine_detail_samples(split, views, scale, rng, bal))
+        pick = random.Random(f"{seed}:{split}:complements")
+        samples = chain(view_samples(split, views, rng, bal, pick), fine_detail_samples(split, views, scale, rng, bal))
         records, index = [], Counter()
         for sample in tqdm(samples, desc=f"{split} samples", file=sys.stderr, leave=False):  # streamed: canvases are large
             index[sample.family] += 1

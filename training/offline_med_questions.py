@@ -2,15 +2,19 @@
 
 Each answer is a fact we know about the image (from its source's metadata or from what we drew),
 so every sample is exactly right. Closed questions are yes/no or name their options in the
-question, and `Balancer` keeps yes/no answers and option positions at ~50/50, so that a model
-that ignores the image scores at chance.
+question, and `Balancer` keeps yes/no answers and option positions at ~50/50. That alone does not
+make a model that ignores the image score at chance on the categorical facts (modality, region,
+plane, window): their truths are not uniform (most slices are axial), so "Is this slice in the
+axial plane?" is mostly "yes" by prior. Held-out splits therefore ask every closed fact question
+once per option it offers, each time of an image whose truth is that option (`complements`): a
+question's text then tells nothing about its answer, as in VQA v2's complementary pairs.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -65,6 +69,7 @@ class Turn:
     question: str
     answer: str
     options: tuple[str, ...] = ()
+    asked: str | None = None  # yes/no questions about a fact: the value the question names
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Sample:
     turns: list[Turn]
     image_key: str | None = None
     detail: dict | None = None  # fine-detail family: what was drawn where, for audits and tests
+    group: str | None = None  # complementary questions: one text asked of several images
 
     @property
     def answer_type(self) -> str:
@@ -117,7 +123,7 @@ def closed_yes_no(rng: random.Random, bal: Balancer, kind: str, truth: str, voca
 def yes_no_turn(rng: random.Random, answer_yes: bool, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
     """'Is this X?' asking the truth when `answer_yes`, else a random other member."""
     asked = truth if answer_yes else rng.choice([v for v in vocab if v != truth])
-    return Turn(template.format(asked) + " Answer yes or no.", yes_no(answer_yes), ("yes", "no"))
+    return Turn(template.format(asked) + " Answer yes or no.", yes_no(answer_yes), ("yes", "no"), asked)
 
 
 def closed_choice(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str, n: int = 2) -> Turn:
@@ -148,8 +154,12 @@ PHRASING = {
 }
 
 
-def facts_of(view: View) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """The categorical facts a view can be asked about: family -> (truth, vocabulary)."""
+def facts_of(view: View, present: dict[str, set[str]] | None = None) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The categorical facts a view can be asked about: family -> (truth, vocabulary).
+
+    With `present` (family -> truths that some view of the split has), a vocabulary is cut to
+    those truths wherever two or more exist, so that every option asked has an image to
+    complement it (`complements`)."""
     facts = {"modality": (view.modality, MODALITIES)}
     if view.body_region:
         facts["body_region"] = (view.body_region, REGIONS)
@@ -157,7 +167,19 @@ def facts_of(view: View) -> dict[str, tuple[str, tuple[str, ...]]]:
         facts["plane"] = (view.plane, PLANES)
     if view.window:
         facts["window"] = (view.window, tuple(WINDOWS))
-    return facts
+    if present is None:
+        return facts
+    cut = {family: (truth, tuple(v for v in vocab if v in present[family])) for family, (truth, vocab) in facts.items()}
+    return {family: cut[family] if len(cut[family][1]) > 1 else facts[family] for family in facts}
+
+
+def truths_present(views: list[View]) -> dict[str, set[str]]:
+    """family -> the truths the given views have for it."""
+    present: dict[str, set[str]] = {}
+    for view in views:
+        for family, (truth, _) in facts_of(view).items():
+            present.setdefault(family, set()).add(truth)
+    return present
 
 
 def caption(view: View) -> str:
@@ -187,13 +209,15 @@ def description(view: View) -> str:
     return " ".join(sentences)
 
 
-def fact_samples(view: View, key: str, rng: random.Random, bal: Balancer, paired: bool = False) -> Iterator[Sample]:
+def fact_samples(
+    view: View, key: str, rng: random.Random, bal: Balancer, paired: bool = False, present: dict[str, set[str]] | None = None
+) -> Iterator[Sample]:
     """One question per known fact of a view, and sometimes a long description.
 
     `paired` (training): a yes/no question comes with its mirror on the same image (the true
     option where it asked a false one, and vice versa), so that no answer prior lowers the loss
-    and only looking at the image does."""
-    for family, (truth, vocab) in facts_of(view).items():
+    and only looking at the image does. `present`: see `facts_of`."""
+    for family, (truth, vocab) in facts_of(view, present).items():
         turn = fact_turn(rng, bal, family, truth, vocab, PHRASING[family])
         yield Sample(family, view.source, view.image, [turn], key)
         if paired and turn.options == ("yes", "no"):
@@ -202,6 +226,27 @@ def fact_samples(view: View, key: str, rng: random.Random, bal: Balancer, paired
     if rng.random() < 0.3:
         turn = Turn(rng.choice(("Describe this image in detail.", "Write a short report of what this image shows.")), description(view))
         yield Sample("description", view.source, view.image, [turn], key)
+
+
+def complements(sample: Sample, keyed_views: list[tuple[str, View]], rng: random.Random) -> list[Sample]:
+    """The same closed fact question asked of other images, one per option the asked image does
+    not answer with, each image picked by `rng` among the views whose truth gives that answer.
+
+    A yes/no question gets one complement (an image where the answer flips); a choose-one
+    question gets one per other option. Options no view can answer are left without one. The
+    complements carry the `group` of `sample`, so that evaluation can draw them together."""
+    turn = sample.turns[0]
+    truths = [(key, view, facts_of(view).get(sample.family, (None,))[0]) for key, view in keyed_views]
+    found = []
+    for answer in [o for o in turn.options if o != turn.answer]:
+        if turn.asked is None:
+            candidates = [(key, view) for key, view, truth in truths if truth == answer]
+        else:
+            candidates = [(key, view) for key, view, truth in truths if truth is not None and (truth == turn.asked) == (answer == "yes")]
+        if candidates:
+            key, view = rng.choice(candidates)
+            found.append(Sample(sample.family, view.source, view.image, [replace(turn, answer=answer)], key, group=sample.group))
+    return found
 
 
 def caption_sample(view: View, key: str, rng: random.Random) -> Sample:
