@@ -8,9 +8,9 @@ recorded in the model card, never written into the recipe files:
   no trained assets) for stage 1, then the previous stage's `final/`: a rerun starts from
   scratch, not from the assets it is about to replace;
 - `data_root` / `datasets`: the offline-med set built by `training.offline_med` (stage 1:
-  its captions; stage 2: a seeded 512 of the training records; stage 3: every training
-  record once: questions, descriptions and multi-turn chats. A stage 3 of short answers only
-  taught the model to answer "Describe this image" with one word);
+  its captions; stage 2: a seeded 512 of the training records; stage 3: a seeded 1600 of
+  them, of every kind: questions, descriptions and multi-turn chats. A stage 3 of short answers
+  only taught the model to answer "Describe this image" with one word);
 - `tune.vision_encoder=false`: on a 2-core CPU the tower's backward pass triples the step time;
   frozen, its features are computed once per image (training/feature_cache.py);
 - `lora_rank` / `lora_alpha` for stages 2 and 3 (which train the LLM): the LLM's full weights
@@ -289,7 +289,9 @@ offline-med (docs/offline-med.md), scale `{manifest["scale"]}`, seed {manifest["
 rendered from DICOMs, photos and volumes that install offline (pydicom, pydicom-data, nibabel, scikit-image,
 Debian `invesalius-examples` and `mricron-data`), with questions whose answers are known facts
 (modality, body region, plane, CT window, laterality, atlas region, simulated findings, tiny
-dots and labels). Train / val / test are split by source image or volume. Training sources:
+dots and labels). Each closed fact question is asked of one image per option it offers
+(complementary questions), so the question text alone scores at chance and only the image tells
+the answers apart. Train / val / test are split by source image or volume. Training sources:
 {", ".join(manifest["sources"]["train"])}. Test sources: {", ".join(manifest["sources"]["test"])}.
 
 ## Training (2-core CPU: optimizer steps {train_s / 60:.0f} min, evaluation {result.get("seconds", 0) / 60:.0f} min; plus one tower pass over the training images, ~0.9 s each)
