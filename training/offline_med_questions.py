@@ -5,7 +5,7 @@ so every sample is exactly right. Closed questions are yes/no or name their opti
 question, and `Balancer` keeps yes/no answers and option positions at ~50/50. That alone does not
 make a model that ignores the image score at chance on the categorical facts (modality, region,
 plane, window): their truths are not uniform (most slices are axial), so "Is this slice in the
-axial plane?" is mostly "yes" by prior. Held-out splits therefore ask every closed fact question
+axial plane?" is mostly "yes" by prior. Every split therefore asks each closed fact question
 once per option it offers, each time of an image whose truth is that option (`complements`): a
 question's text then tells nothing about its answer, as in VQA v2's complementary pairs.
 """
