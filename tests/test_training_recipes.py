@@ -88,3 +88,8 @@ def test_every_recipe_validates_and_overrides_apply():
         load_recipe("med-stage3", ["global_batch_size=15", "micro_batch_size=2"])
     with pytest.raises(ValueError):
         load_recipe("med-stage3", ["no_such_key=1"])
+
+
+def test_mixed_precision_no_survives_yaml():
+    """YAML 1.1 reads `no` as false; `mixed_precision=no` still means fp32."""
+    assert load_recipe("tiny-med-stage1", ["mixed_precision=no"]).mixed_precision == "no"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from training.offline_med import add_data_argument, ensure_built
 from training.reproduce import LORA_ALPHA, LORA_RANK
+from training.trainer import fast_precision
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "L": ("low",),
@@ -85,7 +86,7 @@ def overrides(
     init: Path, data_dir: Path, files: tuple[str, str], samples: int, seed: int
 ) -> list[str]:
     """Recipe overrides, identical for all variants but `init_from`: those of reproduce-tiny's
-    stage 3 (frozen tower, LLM through LoRA adapters, bf16, one pass; reproduce.py says why)."""
+    stage 3 (frozen tower, LLM through LoRA adapters, native bf16 or fp32, one pass; reproduce.py says why)."""
     half = samples // 2
     datasets = (
         f"[{{name: fine, path: {files[0]}, image_root: ., count: {half}, domain: biomedical}},"
@@ -99,7 +100,7 @@ def overrides(
         f"lora_rank={LORA_RANK}",
         f"lora_alpha={LORA_ALPHA}",
         "gradient_checkpointing=false",
-        "mixed_precision=bf16",
+        f"mixed_precision={fast_precision()}",
         f"epochs={EPOCHS}",
         "learning_rate=5e-4",
         f"seed={seed}",

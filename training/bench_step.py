@@ -2,7 +2,8 @@
 costs per trained answer, in the ways reproduce-tiny's stages 2-3 can run it.
 
 The tiny model as packaged (SmolLM2-135M, Lite0, seeded projector) with rank-16 LoRA adapters on
-every LLM projection, bf16 autocast, tower features computed once (as the trainer's cache does),
+every LLM projection, bf16 autocast where the CPU runs bf16 natively (fp32 elsewhere, as
+reproduce-tiny), tower features computed once (as the trainer's cache does),
 a global batch of two samples about a 1024 x 1024 photo. Three ways, timed round-robin in the
 same run (medians; the ratios are what to read on a shared CPU):
 
@@ -47,13 +48,13 @@ def micro_batches(way: str) -> list[list[list[tuple[str, str]]]]:
 def step_seconds(model, processor, cache, path: Path, image, way: str) -> tuple[float, int]:
     """Forward and backward of one optimizer step's micro-batches, each projecting the cached
     tower features anew through the trainer's own `cached_embeds`; (seconds, answers trained)."""
-    from training.trainer import MODEL_INPUTS, answer_loss, cached_embeds
+    from training.trainer import MODEL_INPUTS, answer_loss, cached_embeds, cpu_runs_bf16
 
     answers, started = 0, time.perf_counter()
     for conversations in micro_batches(way):
         batch = processor(images=[image] * len(conversations), conversation=conversations, return_labels=True, return_pixels=False)
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_runs_bf16()):
             embeds = cached_embeds(cache, model, processor, [str(path)] * len(conversations))
             loss = answer_loss(model, inputs | {"image_embeds": embeds})
         loss.backward()
@@ -68,7 +69,7 @@ def bench_training_step(repeats: int) -> dict[str, Any]:
     from training.feature_cache import FeatureCache
     from training.recipe import Tune
     from training.reproduce import LORA_ALPHA, LORA_RANK
-    from training.trainer import apply_tune, load_for_training
+    from training.trainer import apply_tune, cpu_runs_bf16, load_for_training
 
     model, processor = load_for_training(str(base_model_dir()))
     apply_tune(model, Tune(projector=True, vision_encoder=False, llm=True), LORA_RANK, LORA_ALPHA)
@@ -88,6 +89,7 @@ def bench_training_step(repeats: int) -> dict[str, Any]:
     per_answer = {way: step[way] / answers[way] for way in WAYS}
     return {
         "repeats": repeats,
+        "precision": "bf16 autocast" if cpu_runs_bf16() else "fp32",
         "step_s": step,
         "answers_per_step": answers,
         "per_answer_s": per_answer,
@@ -105,7 +107,7 @@ def markdown(results: dict[str, Any]) -> str:
         [
             SECTION,
             "`python -m training bench-step --docs` (`training/bench_step.py`). Machine: " + results["machine"] + ".",
-            "Tiny model with rank-16 LoRA, bf16 autocast, cached tower features, a step of two samples about",
+            f"Tiny model with rank-16 LoRA, {results['precision']}, cached tower features, a step of two samples about",
             f"a 1024 x 1024 photo; forward + backward, median of {results['repeats']} round-robin repeats.",
             "",
             "| way | answers per step | step | per answer | vs `micro_batch_1` |",

@@ -196,6 +196,8 @@ def from_dict(data: dict) -> Recipe:
     for key in ("learning_rate", "warmup_ratio", "epochs", "weight_decay", "max_grad_norm"):
         if key in data:
             data[key] = float(data[key])  # YAML 1.1 reads "2e-5" as a string
+    if data.get("mixed_precision") is False:
+        data["mixed_precision"] = "no"  # and `mixed_precision: no` as false
     recipe = Recipe(**data)
     recipe.validate()
     return recipe

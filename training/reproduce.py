@@ -18,7 +18,8 @@ recorded in the model card, never written into the recipe files:
   every attention and MLP projection (4.9 M parameters, shipped in fp16: ~10 MB);
 - `learning_rate` for stages 2 and 3: their recipes' rates (1e-4, 5e-5) are set for full
   fine-tuning of an 8B LLM; adapters and a projector of a 135M one train at 5e-4;
-- `mixed_precision=bf16`: this CPU has AVX-512 bf16; autocast makes a step ~20% faster;
+- `mixed_precision=bf16` where the CPU runs bf16 natively (AVX-512 BF16 or AMX): autocast makes a
+  step ~20% faster; elsewhere `auto` (fp32): on an AVX2-only CPU emulated bf16 is ~27x slower;
 - `gradient_checkpointing=false`: recomputing the forward pass costs ~1/3 more time for memory
   this machine does not need (sequences ~280 tokens);
 - a `replay` stream in stages 2 and 3 (`interleave_every`): the paper keeps the LLM's zero-shot
@@ -46,6 +47,7 @@ from dragonfly_med.tiny import base_model_dir
 from training.offline_eval import PER_FAMILY
 from training.offline_med import add_data_argument, ensure_built
 from training.replay_text import ensure_replay
+from training.trainer import fast_precision
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
@@ -103,7 +105,7 @@ def stage_overrides(
         f"datasets=[{dataset}]",
         "tune.vision_encoder=false",
         "gradient_checkpointing=false",
-        "mixed_precision=bf16",
+        f"mixed_precision={fast_precision()}",
         "epochs=1",
         f"save_steps={plan.save_steps}",
     ]
@@ -306,7 +308,7 @@ resolved recipe is in its run folder's `recipe.json`):
 Deviations from the recipes, on purpose (`training/reproduce.py` says why): the vision tower
 stays frozen (its features are computed once per image and cached); the LLM learns through LoRA
 adapters instead of its full weights (the 30 MB asset budget); adapters and projector train at
-5e-4 in stages 2-3; bf16 autocast; one pass over each stage's samples. Gradient checkpointing
+5e-4 in stages 2-3; bf16 autocast where the CPU runs bf16 natively (`mixed_precision` above); one pass over each stage's samples. Gradient checkpointing
 changes speed only, not the numbers. In place of the paper's text-only streams (OpenHermes,
 MathInstruct), stages 2-3 replay the packaged LLM's own greedy answers to ~100 general requests
 (counting, explanations, short writing; some asked with an unrelated image attached) every few

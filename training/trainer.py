@@ -242,6 +242,19 @@ def load_for_training(name: str):
     return model, load_processor(directory, model.config)
 
 
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX). Elsewhere torch emulates
+    it: on an AVX2-only EPYC a tiny stage-1 step took 84 s under bf16 autocast, 3.1 s in fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def fast_precision() -> str:
+    """`mixed_precision` for the CPU-budgeted runs (reproduce-tiny, the ablation, bench-step): bf16
+    where the CPU runs it natively (a step ~20% faster), else "auto" (fp32 on CPU, bf16 on CUDA)."""
+    return "bf16" if cpu_runs_bf16() else "auto"
+
+
 def mixed_precision(recipe: Recipe) -> str:
     """bf16 where the hardware supports it ("auto"): CUDA with bf16; fp32 on CPU."""
     if recipe.mixed_precision != "auto":
