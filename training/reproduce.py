@@ -8,7 +8,7 @@ recorded in the model card, never written into the recipe files:
   no trained assets) for stage 1, then the previous stage's `final/`: a rerun starts from
   scratch, not from the assets it is about to replace;
 - `data_root` / `datasets`: the offline-med set built by `training.offline_med` (stage 1:
-  its captions; stage 2: a seeded 512 of the training records; stage 3: a seeded 1600 of
+  its captions; stage 2: a seeded 384 of the training records; stage 3: a seeded 896 of
   them, of every kind: questions, descriptions and multi-turn chats. A stage 3 of short answers
   only taught the model to answer "Describe this image" with one word);
 - `tune.vision_encoder=false`: on a 2-core CPU the tower's backward pass triples the step time;
@@ -66,13 +66,14 @@ class StagePlan:
 
 LORA_RANK = 16
 LORA_ALPHA = 32
-# Sample counts per stage. "cpu" fits this 2-core machine in ~83 minutes with the replay data and the evaluation
-# (tower ~0.9 s per image once, ~1.1 s per 41-crop sample and step); "smoke" is for tests.
+# Sample counts per stage. "cpu" is sized for a 2-core CPU without bf16 hardware (AVX2, fp32:
+# tower ~1 s per image once, ~1.5 s per 41-crop sample and step, evaluation ~14 min) to finish
+# within 90 minutes from scratch; with native bf16 it takes about half as long. "smoke" is for tests.
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 432, 72),
-        StagePlan("tiny-med-stage2", "train.jsonl", 512, 64, 5e-4, replay_every=5),
-        StagePlan("tiny-med-stage3", "train.jsonl", 1600, 100, 5e-4, replay_every=5),
+        StagePlan("tiny-med-stage2", "train.jsonl", 384, 48, 5e-4, replay_every=5),
+        StagePlan("tiny-med-stage3", "train.jsonl", 896, 64, 5e-4, replay_every=5),
     ),
     "smoke": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 2, 1),
