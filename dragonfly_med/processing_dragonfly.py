@@ -258,13 +258,13 @@ class DragonflyProcessor(ProcessorMixin):
         (None for a text-only sample). Truncation (`max_length`) drops tokens from the end of the
         text and never cuts the image block; truncated samples are counted in `num_truncated`.
         `return_pixels=False` plans the crops but skips the pixels (a trainer that reads cached
-        tower features needs only the token layout).
+        tower features needs only the token layout); images may then be (width, height) sizes.
         """
         conversations = _as_conversations(conversation, text)
         image_list = _as_image_list(images, len(conversations))
         real_images = [im for im in image_list if im is not None]
         pixel = self.image_processor(real_images) if real_images and return_pixels else None
-        plans = self._plans(pixel) if return_pixels else [self.image_processor.plan(im) for im in real_images]
+        plans = [self.image_processor.plan(im) for im in real_images]
         samples, plan_iter = [], iter(plans)
         for conv, image in zip(conversations, image_list, strict=True):
             plan = next(plan_iter) if image is not None else None
@@ -287,14 +287,6 @@ class DragonflyProcessor(ProcessorMixin):
                 max_length,
             )
         return batch
-
-    def _plans(self, pixel: BatchFeature | None) -> list[CropPlan]:
-        """The plan of each image, from its (oriented) size: the same one the pixels came from."""
-        if pixel is None:
-            return []
-        return [
-            self.image_processor.plan((int(w), int(h))) for h, w in pixel["image_sizes"].tolist()
-        ]
 
     @staticmethod
     def _truncate(sample: EncodedSample, max_length: int | None) -> EncodedSample:
