@@ -258,7 +258,7 @@ class DragonflyProcessor(ProcessorMixin):
         (None for a text-only sample). Truncation (`max_length`) drops tokens from the end of the
         text and never cuts the image block; truncated samples are counted in `num_truncated`.
         `return_pixels=False` plans the crops but skips the pixels (a trainer that reads cached
-        tower features needs only the token layout); images may then be (width, height) sizes.
+        tower features needs only the token layout).
         """
         conversations = _as_conversations(conversation, text)
         image_list = _as_image_list(images, len(conversations))

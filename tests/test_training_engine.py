@@ -21,15 +21,7 @@ from dragonfly_med.processing_dragonfly import DragonflyProcessor
 from dragonfly_med.tiny import EOS_TOKEN, IMAGE_TOKEN, SEPARATOR_TOKEN
 from training.data import build_mixture
 from training.recipe import load_recipe
-from training.trainer import (
-    MicroBatches,
-    answer_loss,
-    apply_tune,
-    image_size,
-    model_parts,
-    param_groups,
-    train,
-)
+from training.trainer import MicroBatches, answer_loss, apply_tune, model_parts, param_groups, train
 
 STAGES = ("general-stage1", "general-stage2", "med-stage1", "med-stage2", "med-stage3")
 
@@ -174,16 +166,6 @@ def test_cached_tower_features_train_exactly_like_pixels(random_model_dir, tmp_p
     b = load_model(tmp_path / "pixels" / "final", dtype=torch.float32)[0].vision_embed_tokens.weight
     # on a GPU, cuDNN's TF32 convolutions make the two paths' tower features differ slightly
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 if torch.cuda.is_available() else 1e-6)
-
-
-def test_planning_reads_the_displayed_size_from_the_header(tmp_path):
-    """With cached features the trainer plans crops from the file's header: EXIF-turned sizes swap."""
-    exif = Image.Exif()
-    exif[0x0112] = 6  # displayed turned by 90 degrees
-    Image.new("RGB", (300, 200)).save(tmp_path / "turned.jpg", exif=exif)
-    Image.new("RGB", (300, 200)).save(tmp_path / "plain.png")
-    assert image_size(tmp_path / "turned.jpg") == (200, 300)
-    assert image_size(tmp_path / "plain.png") == (300, 200)
 
 
 def llm_weights(folder):

@@ -32,7 +32,6 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dragonfly_med.image_processing_dragonfly import oriented_size
 from training.data import Mixture, build_mixture
 from training.feature_cache import FeatureCache, default_cache_dir
 from training.recipe import Recipe, Tune, load_recipe
@@ -101,12 +100,6 @@ def load_image(path: Path) -> Image.Image:
         return image
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) as displayed, from the file's header: planning crops needs no pixels."""
-    with Image.open(path) as image:
-        return oriented_size(image)
-
-
 class MicroBatches(Dataset):
     """This process's micro-batches, in order, from `start_step` on: item i is micro-batch
     i % accum of step start_step + i // accum, tokenised with the model's processor. With
@@ -140,9 +133,8 @@ class MicroBatches(Dataset):
         per_rank = size * self.accum
         refs = self.mixture.steps[step].refs[self.rank * per_rank : (self.rank + 1) * per_rank][micro * size : (micro + 1) * size]
         records = [self.mixture.datasets[d][i] for d, i in refs]
-        read = load_image if self.pixels else image_size
         batch = self.processor(
-            images=[read(r.image) if r.image is not None else None for r in records],
+            images=[load_image(r.image) if r.image is not None else None for r in records],
             conversation=[r.turns for r in records],
             return_labels=True,
             max_length=self.recipe.max_seq_length,
