@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from training import offline_med, offline_med_sources
+from training.offline_med_questions import OPEN_VARIANTS, PHRASING
 from training.offline_med_render import (
     BLOB_FRACTION,
     LABEL_FRACTION,
@@ -207,6 +208,18 @@ def test_training_yes_no_questions_come_in_mirrored_pairs(records):
     assert train
     for image, family, answer in train:
         assert (image, family, "no" if answer == "yes" else "yes") in train, (image, family)
+
+
+def test_open_fact_questions_vary_in_training_and_keep_one_phrasing_when_held_out(records):
+    """Training asks open questions as users do (the gallery's phrasings among them); validation
+    and test keep the canonical phrasing, so their questions do not depend on the variants."""
+    for family, (_, _, canonical) in PHRASING.items():
+        asked = {split: {r["conversations"][0]["value"].removeprefix("<image>\n") for r in records[split] if r["family"] == family and not r.get("options")} for split in SPLITS}
+        assert asked["train"] <= {canonical, *OPEN_VARIANTS[family]}, family
+        for split in ("val", "test"):
+            assert asked[split] <= {canonical}, (family, split)
+    modality = {r["conversations"][0]["value"] for r in records["train"] if r["family"] == "modality" and not r.get("options")}
+    assert any(OPEN_VARIANTS["modality"][0] in q for q in modality)
 
 
 def test_each_closed_fact_question_is_asked_of_one_image_per_option(records):

@@ -154,6 +154,16 @@ PHRASING = {
 }
 
 
+# Other ways users ask the open fact questions (the app's gallery suggests the first ones). Only
+# training questions use them, so the held-out splits keep one phrasing per family.
+OPEN_VARIANTS = {
+    "modality": ("What imaging modality is this?", "What kind of medical image is this?", "Which modality was used to acquire this image?"),
+    "body_region": ("Which body region is shown?", "What part of the body does this image show?"),
+    "plane": ("Which plane is this slice in?", "What is the anatomical plane of this image?"),
+    "window": ("What window is this CT shown in?", "Which display window does this CT use?"),
+}
+
+
 def facts_of(view: View, present: dict[str, set[str]] | None = None) -> dict[str, tuple[str, tuple[str, ...]]]:
     """The categorical facts a view can be asked about: family -> (truth, vocabulary).
 
@@ -216,9 +226,12 @@ def fact_samples(
 
     `paired` (training): a yes/no question comes with its mirror on the same image (the true
     option where it asked a false one, and vice versa), so that no answer prior lowers the loss
-    and only looking at the image does. `present`: see `facts_of`."""
+    and only looking at the image does; an open question may be asked in one of its
+    `OPEN_VARIANTS`. `present`: see `facts_of`."""
     for family, (truth, vocab) in facts_of(view, present).items():
         turn = fact_turn(rng, bal, family, truth, vocab, PHRASING[family])
+        if paired and not turn.options:
+            turn = replace(turn, question=rng.choice((turn.question, *OPEN_VARIANTS[family])))
         yield Sample(family, view.source, view.image, [turn], key)
         if paired and turn.options == ("yes", "no"):
             mirror = yes_no_turn(rng, turn.answer == "no", truth, vocab, PHRASING[family][0])
