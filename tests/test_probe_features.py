@@ -32,6 +32,9 @@ def test_each_level_is_pooled_over_its_own_crops(tower_and_processor):
         low = tower(processor(image)["pixel_values"][:1])[0]  # the plan's first crop is the low view
     torch.testing.assert_close(features["low"][:channels], low.mean(0))
     assert level_features(tower, processor, image, ("medium",)).keys() == {"medium"}
+    _, medium_only = tiny_tower_and_processor(("medium",))  # cuts no high crops, same numbers
+    assert {crop.level for crop in medium_only.plan(image).crops} == {"low", "medium"}
+    torch.testing.assert_close(level_features(tower, medium_only, image, ("medium",))["medium"], features["medium"])
 
 
 def views(split: str, source: str, label: str, center: float, n: int = 12) -> list[ProbedView]:

@@ -16,7 +16,7 @@ import json
 import random
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,18 +39,21 @@ class ProbedView:
     levels: dict[str, torch.Tensor]
 
 
-def tiny_tower_and_processor():
+def tiny_tower_and_processor(levels: tuple[str, ...] = LEVELS):
     """The tiny model's tower (ImageNet Lite0 as packaged, frozen) and image processor, built
-    from the packaged weights alone: the LLM is not needed to probe the tower."""
+    from the packaged weights alone: the LLM is not needed to probe the tower. The processor's
+    geometry keeps only the probed levels (and the low view, which every geometry has), so no
+    crop is cut that the probe does not read."""
     from dragonfly_med.configuration_dragonfly import tiny_geometry
     from dragonfly_med.efficientnet_lite import EfficientNetLite0Config, load_pretrained_state_dict
     from dragonfly_med.image_processing_dragonfly import DragonflyImageProcessor, normalization_for
-    from dragonfly_med.vision import EfficientNetLite0Tower
+    from dragonfly_med.vision import build_vision_tower
 
     config = EfficientNetLite0Config()
-    tower = EfficientNetLite0Tower(config)
+    tower = build_vision_tower(config)
     tower.model.load_state_dict(load_pretrained_state_dict(with_classifier=False))
-    processor = DragonflyImageProcessor(geometry=tiny_geometry(config), **normalization_for(config))
+    geometry = replace(tiny_geometry(config), levels=("low", *levels))
+    processor = DragonflyImageProcessor(geometry=geometry, **normalization_for(config))
     return tower.eval(), processor
 
 
@@ -71,13 +74,18 @@ def level_features(tower, processor, image, levels: tuple[str, ...]) -> dict[str
 
 def probe_views(scale_name: str, levels: tuple[str, ...]) -> list[ProbedView]:
     """Every view of every installed source (as offline-med renders them), with its features."""
-    tower, processor = tiny_tower_and_processor()
+    tower, processor = tiny_tower_and_processor(levels)
     probed = []
     for source in tqdm(catalogue(), desc="sources", file=sys.stderr):
         for view in load_views(source, random.Random(f"probe:{source.id}"), SCALES[scale_name]):
             facts = {"modality": view.modality, "body_region": view.body_region}
             probed.append(ProbedView(source.id, source.split, facts, level_features(tower, processor, view.image, levels)))
     return probed
+
+
+def stacked(views: list[ProbedView], levels: tuple[str, ...]) -> torch.Tensor:
+    """[views, features]: each view's pooled levels side by side."""
+    return torch.stack([torch.cat([v.levels[level] for level in levels]) for v in views])
 
 
 def fit_and_score(views: list[ProbedView], family: str, levels: tuple[str, ...], steps: int = 600, seed: int = 0) -> dict:
@@ -89,7 +97,7 @@ def fit_and_score(views: list[ProbedView], family: str, levels: tuple[str, ...],
     labels = sorted({v.facts[family] for v in train})
     if not labels:
         return {"labels": labels}
-    x = torch.stack([torch.cat([v.levels[level] for level in levels]) for v in train])
+    x = stacked(train, levels)
     y = torch.tensor([labels.index(v.facts[family]) for v in train])
     mean, std = x.mean(0), x.std(0) + 1e-4
     per_source = defaultdict(int)
@@ -110,8 +118,7 @@ def fit_and_score(views: list[ProbedView], family: str, levels: tuple[str, ...],
             held = [v for v in known if v.split == split]
             if not held:
                 continue
-            features = torch.stack([torch.cat([v.levels[level] for level in levels]) for v in held])
-            predicted = classifier((features - mean) / std).argmax(1).tolist()
+            predicted = classifier((stacked(held, levels) - mean) / std).argmax(1).tolist()
             hits = defaultdict(list)
             for view, p in zip(held, predicted, strict=True):
                 hits[view.source].append(labels[p] == view.facts[family])
