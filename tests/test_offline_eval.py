@@ -45,13 +45,13 @@ def test_score_on_hand_checked_predictions():
     rows = [
         row("modality", "closed", "CT", "CT"),  # right
         row("modality", "closed", "MRI", "CT scan"),  # wrong
-        row("body_region", "closed", "yes", "Yes, it is the head."),  # right: first yes/no word
+        row("body_region", "closed", "yes", "Yes, it is the head."),  # right: its yes/no word
         row("description", "open", "a ct of the head", "the head ct"),  # open: F1 only
     ]
-    result = score(rows)
+    result = score(rows, probe_ceilings={"modality": 0.75})
     assert result["closed_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
     modality = {"closed_accuracy": 0.5, "closed_accuracy_strict": 0.5, "token_f1": 0.5, "n": 2}
-    modality["n_closed"] = 2  # F1: 1 and 0
+    modality |= {"n_closed": 2, "yes_rate": None, "truth_yes_rate": None, "probe_ceiling": 0.75}  # F1: 1 and 0
     assert result["by_family"]["modality"] == modality
     assert result["by_family"]["description"]["closed_accuracy"] is None  # no closed questions
     assert result["by_family"]["description"]["token_f1"] == pytest.approx(
@@ -59,6 +59,23 @@ def test_score_on_hand_checked_predictions():
     )  # 2 shared of 2 / 3 tokens
     assert result["by_family"]["atlas_region"]["n"] == 0  # absent families are reported, n = 0
     assert "| **overall** (4) |" in table(result | {"baselines": {}})
+
+
+def test_an_evidence_first_answer_commits_to_the_verdict_after_its_evidence():
+    """"This is a CT, so no." commits to "no" although its evidence holds no yes/no word, and
+    "There is no tiny dot, so yes." to "yes" (the last verdict, not the first "no"). Strict
+    accuracy asks for the reference sentence; yes_rate counts committed "yes" answers."""
+    yes_no = {"options": ["yes", "no"]}
+    rows = [
+        row("modality", "closed", "This is a CT, so no.", "This is a CT, so no.") | yes_no | {"truth": "no"},
+        row("modality", "closed", "This is an MRI, so yes.", "This is a CT, so no.") | yes_no | {"truth": "yes"},
+        row("fine_detail", "closed", "There is a tiny dot, so yes.", "There is no tiny dot, so yes.") | yes_no | {"truth": "yes"},
+        row("modality", "closed", "This is a CT.", "This is a CT scan.") | {"options": ["CT", "MRI"], "truth": "CT"},
+    ]
+    block = score(rows)
+    assert block["closed_accuracy"] == 0.75 and block["closed_accuracy_strict"] == 0.25
+    assert block["yes_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert block["truth_yes_rate"] == pytest.approx(2 / 3, abs=1e-4)
 
 
 def test_a_closed_answer_commits_to_the_one_option_it_names():

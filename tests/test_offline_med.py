@@ -66,26 +66,32 @@ def test_records_are_valid_llava(built, records):
         assert all(t["value"].strip() for t in turns)
 
 
-def test_closed_answers_are_among_the_options_named_in_the_question(records):
+def test_closed_answers_commit_to_one_of_the_options_named_in_the_question(records):
+    """A closed answer is a sentence with the evidence first ("This is a CT, so no.", "This is
+    a CT."); the option it commits to is its `truth`, which the evaluation finds in it."""
+    from training.offline_eval import committed_answer
+
     closed = [r for split in SPLITS for r in records[split] if r["answer_type"] == "closed"]
     assert closed
     for record in closed:
         question, answer = (t["value"] for t in record["conversations"])
-        assert answer in record["options"]
+        assert record["truth"] in record["options"]
+        assert committed_answer(answer, record["options"]) == record["truth"], answer
         if record["options"] == ["yes", "no"]:
-            assert "yes or no" in question
+            assert "yes or no" in question and answer.endswith(f", so {record['truth']}.")
         else:
             assert all(option in question for option in record["options"])
+            assert answer != record["truth"] and answer.endswith(".")
 
 
 def test_yes_no_and_option_positions_are_balanced(records):
     for split in SPLITS:
-        by_family = Counter((r["family"], r["conversations"][1]["value"]) for r in records[split] if r.get("options") == ["yes", "no"])
+        by_family = Counter((r["family"], r["truth"]) for r in records[split] if r.get("options") == ["yes", "no"])
         for family in {f for f, _ in by_family}:
             yes, no = by_family[(family, "yes")], by_family[(family, "no")]
             assert abs(yes - no) <= 2 + 0.1 * (yes + no), (split, family, yes, no)
     two_way = [r for r in records["train"] if r.get("options") and len(r["options"]) == 2 and r["options"] != ["yes", "no"]]
-    first = sum(r["options"][0] == r["conversations"][1]["value"] for r in two_way)
+    first = sum(r["options"][0] == r["truth"] for r in two_way)
     assert 0.3 <= first / len(two_way) <= 0.7
 
 
@@ -153,7 +159,7 @@ def test_built_fine_details_are_sized_to_vanish(built, records):
         if record["detail"]["kind"] == "dot":
             assert (x1 - x0) * 224 / side < 1.0 <= (x1 - x0) * 1344 / side / 3
         else:
-            assert record["conversations"][1]["value"] == record["detail"]["text"]
+            assert record["truth"] == record["detail"]["text"]
     assert BLOB_FRACTION[1] * 224 < 1 and LABEL_FRACTION[0] * 1344 >= 7
 
 
@@ -191,7 +197,7 @@ def test_volumes_give_planes_windows_and_atlas_regions(records):
     assert {r["family"] for r in cranium} >= {"plane", "window"}
     atlas = [r for r in train if r["family"] == "atlas_region"]
     assert atlas and all(r["source"] == "mricron:colin27" for r in atlas)
-    open_answers = [r["conversations"][1]["value"] for r in atlas if r["answer_type"] == "open"]
+    open_answers = [r["truth"] for r in atlas if r["answer_type"] == "open"]
     assert all(re.match(r"^(left|right|vermis) ", a) for a in open_answers)
 
 
@@ -204,7 +210,7 @@ def test_training_yes_no_questions_come_in_mirrored_pairs(records):
     for r in records["train"]:
         if r["family"] in facts and r.get("options") == ["yes", "no"]:
             first_asked.setdefault(r["group"], r)
-    train = Counter((r["image"], r["family"], r["conversations"][1]["value"]) for r in first_asked.values())
+    train = Counter((r["image"], r["family"], r["truth"]) for r in first_asked.values())
     assert train
     for image, family, answer in train:
         assert (image, family, "no" if answer == "yes" else "yes") in train, (image, family)
@@ -234,25 +240,25 @@ def test_each_closed_fact_question_is_asked_of_one_image_per_option(records):
             if r["family"] in facts and r["answer_type"] == "closed" and len(r["conversations"]) == 2:
                 groups.setdefault(r["group"], []).append(r)
         assert groups, split
-        named = {f: {r["conversations"][1]["value"] for r in records[split] if r["family"] == f and r.get("options") != ["yes", "no"]} for f in facts}
+        named = {f: {r["truth"] for r in records[split] if r["family"] == f and r.get("options") != ["yes", "no"]} for f in facts}
         for members in groups.values():
             question, options = members[0]["conversations"][0]["value"], members[0]["options"]
-            answers = [m["conversations"][1]["value"] for m in members]
+            answers = [m["truth"] for m in members]
             assert all(m["conversations"][0]["value"] == question and m["options"] == options for m in members)
             assert len(set(answers)) == len(answers) and len({m["image"] for m in members}) == len(members)
             if len(members) < len(options):  # only where the split knows one truth for the family
                 assert len(named[members[0]["family"]]) == 1, (split, question)
-        by_text = Counter((r["conversations"][0]["value"], r["conversations"][1]["value"]) for m in groups.values() for r in m)
+        by_text = Counter((r["conversations"][0]["value"], r["truth"]) for m in groups.values() for r in m)
         best_constant = sum(max(n for (q, _), n in by_text.items() if q == text) for text in {q for q, _ in by_text})
         assert best_constant / sum(by_text.values()) <= 0.6, split
 
 
 def test_training_lesion_presence_is_asked_with_and_without_the_lesion(built, records):
     presence = [r for r in records["train"] if r["family"] == "finding" and r.get("options") == ["yes", "no"]]
-    answers = [r["conversations"][1]["value"] for r in presence]
+    answers = [r["truth"] for r in presence]
     assert answers.count("yes") == answers.count("no")
     for first, second in zip(presence[::2], presence[1::2], strict=True):  # written back to back
-        assert {first["conversations"][1]["value"], second["conversations"][1]["value"]} == {"yes", "no"}
+        assert {first["truth"], second["truth"]} == {"yes", "no"}
         assert first["source"] == second["source"]
         a, b = (np.asarray(Image.open(built / r["image"]).convert("L"), dtype=np.int16) for r in (first, second))
         changed = np.abs(a - b) > 8

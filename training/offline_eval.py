@@ -3,9 +3,15 @@
     python -m training eval --benchmark offline-med --model tiny --json        # via training/evaluate.py
     python -m training eval --benchmark offline-med --model runs/x/final --data runs/offline-med --json
 
-Metrics are the paper's VQA metrics (training/metrics.py): closed-question accuracy (exact
-normalised match; yes/no answers by their first yes/no word) and token F1 over all questions,
-overall and per family, as fractions in [0, 1]. Baselines, measured on the same records:
+Metrics are the paper's VQA metrics (training/metrics.py): closed-question accuracy and token
+F1 over all questions, overall and per family, as fractions in [0, 1]. offline-med answers with
+the evidence first ("This is a CT, so no."), so closed accuracy scores the option an answer
+commits to after its evidence (`committed_answer`) against the record's `truth`;
+`closed_accuracy_strict` asks for the reference sentence word for word. `yes_rate` and
+`truth_yes_rate` (share of "yes" among the committed answers to yes/no questions, and in the
+truth) show an answer prior that accuracy hides. With `--probe F.json` (written by
+`python -m training probe-features`), each family also gets its `probe_ceiling`: how well a
+linear read-out of the frozen tower's features answers the same questions. Baselines, measured on the same records:
 - `no_image`: the same LLM asked the same question without the image block, i.e. what the
   question text alone (options, priors of the language model) buys;
 - `untrained_projector`: the tiny model as it was before any training (SmolLM2 + EfficientNet
@@ -121,12 +127,13 @@ def whole_groups(records: list[dict], limit: int, rng: random.Random) -> list[di
 # ---- answering -------------------------------------------------------------------------------
 
 
+SHORT_ANSWER_TOKENS = 32  # "The marked point is in the Frontal_Sup_Medial_L, so no." fits
+
+
 def max_tokens_for(record: dict, cap: int) -> int:
-    """Closed and short answers need a few tokens; descriptions get `cap`. Reference length
+    """Closed and short answers are one sentence; descriptions get `cap`. Reference length
     bounds the budget: a longer answer could only lower precision."""
-    if record["answer_type"] == "closed":
-        return 8
-    return 16 if record["family"] != "description" else cap
+    return SHORT_ANSWER_TOKENS if record["family"] != "description" else cap
 
 
 def generate(
@@ -155,24 +162,49 @@ def generate(
     ).strip()
 
 
-def committed_answer(prediction: str, reference: str, options: list[str] | None) -> str:
-    """What a closed answer commits to: for a choose-one question, the one offered option the
-    prediction names (as whole words), so "The label says RC9." counts as "RC9"; a prediction
-    that names both options, or none, is left as is (and is wrong unless it equals the
-    reference). Yes/no questions keep metrics.closed_prediction's first yes/no word rule."""
-    if not options or normalize_answer(reference) in ("yes", "no"):
-        return prediction
-    padded = f" {normalize_answer(prediction)} "
-    named = [o for o in options if f" {normalize_answer(o)} " in padded]
+def committed_answer(prediction: str, options: list[str] | None) -> str:
+    """What a closed answer commits to, after its evidence: for a yes/no question its last
+    yes/no word ("This is a CT, so no." -> "no"); for a choose-one question the one offered
+    option it names as whole words ("The label says RC9." -> "RC9"). A prediction with no
+    yes/no word, or naming both options or none, is left as is (and is wrong)."""
+    words = normalize_answer(prediction).split()
+    if options and {normalize_answer(o) for o in options} == {"yes", "no"}:
+        verdicts = [w for w in words if w in ("yes", "no")]
+        return verdicts[-1] if verdicts else prediction
+    padded = f" {' '.join(words)} "
+    named = [o for o in options or () if f" {normalize_answer(o)} " in padded]
     return named[0] if len(named) == 1 else prediction
 
 
-def score(rows: list[dict]) -> dict:
+def truth_of(row: dict) -> str:
+    """The option a closed record's answer commits to (older data: the reference itself)."""
+    return row.get("truth") or row["reference"]
+
+
+def offered(row: dict) -> list[str] | None:
+    """A closed record's options; a yes/no truth stands for ("yes", "no") where none are stored."""
+    if row.get("options"):
+        return row["options"]
+    return ["yes", "no"] if normalize_answer(truth_of(row)) in ("yes", "no") else None
+
+
+def yes_rates(closed: list[dict], committed: list[str]) -> tuple[float | None, float | None]:
+    """Share of "yes" among the committed answers to yes/no questions, and in their truth."""
+    pairs = [(c, truth_of(r)) for r, c in zip(closed, committed, strict=True) if offered(r) == ["yes", "no"]]
+    if not pairs:
+        return None, None
+    said = sum(normalize_answer(c) == "yes" for c, _ in pairs) / len(pairs)
+    truth = sum(normalize_answer(t) == "yes" for _, t in pairs) / len(pairs)
+    return round(said, 4), round(truth, 4)
+
+
+def score(rows: list[dict], probe_ceilings: dict[str, float] | None = None) -> dict:
     """Overall and per-family closed accuracy and token F1 as fractions (None when undefined).
 
-    `closed_accuracy` scores the option a closed answer commits to (`committed_answer`);
-    `closed_accuracy_strict` the whole normalised answer, as metrics.closed_accuracy does, so a
-    right option inside a sentence counts only in the first. Token F1 is on the raw answers.
+    `closed_accuracy` scores the option a closed answer commits to (`committed_answer`)
+    against the record's truth; `closed_accuracy_strict` the whole normalised answer against the
+    reference sentence. Token F1 is on the raw answers. `probe_ceilings` (family -> fraction)
+    adds each family's `probe_ceiling`.
     """
 
     def frac(value: float) -> float | None:
@@ -180,18 +212,18 @@ def score(rows: list[dict]) -> dict:
 
     def block(group: list[dict]) -> dict:
         closed = [r for r in group if r["answer_type"] == "closed"]
-        references = [r["reference"] for r in closed]
-        committed = [
-            committed_answer(r["prediction"], r["reference"], r.get("options")) for r in closed
-        ]
+        committed = [committed_answer(r["prediction"], offered(r)) for r in closed]
+        yes_rate, truth_yes_rate = yes_rates(closed, committed)
         return {
-            "closed_accuracy": frac(closed_accuracy(committed, references)),
+            "closed_accuracy": frac(closed_accuracy(committed, [truth_of(r) for r in closed])),
             "closed_accuracy_strict": frac(
-                closed_accuracy([r["prediction"] for r in closed], references)
+                closed_accuracy([r["prediction"] for r in closed], [r["reference"] for r in closed])
             ),
             "token_f1": frac(
                 mean_token_f1([r["prediction"] for r in group], [r["reference"] for r in group])
             ),
+            "yes_rate": yes_rate,
+            "truth_yes_rate": truth_yes_rate,
             "n": len(group),
             "n_closed": len(closed),
         }
@@ -199,13 +231,20 @@ def score(rows: list[dict]) -> dict:
     by_family = {f: block([r for r in rows if r["family"] == f]) for f in FAMILIES}
     for family in sorted({r["family"] for r in rows} - set(FAMILIES)):
         by_family[family] = block([r for r in rows if r["family"] == family])
+    for family, ceiling in (probe_ceilings or {}).items():
+        if family in by_family:
+            by_family[family]["probe_ceiling"] = ceiling
     return block(rows) | {"by_family": by_family}
 
 
 def with_options(rows: list[dict], data_dir: Path, split: str = "test") -> list[dict]:
-    """Attach each record's offered `options` (by id) to prediction rows written without them."""
-    options = {r["id"]: r.get("options") for r in load_split(data_dir, split)}
-    return [r | {"options": r.get("options", options.get(r["id"]))} for r in rows]
+    """Attach each record's offered `options` and `truth` (by id) to prediction rows written
+    without them."""
+    records = {r["id"]: r for r in load_split(data_dir, split)}
+    return [
+        r | {key: r.get(key, records.get(r["id"], {}).get(key)) for key in ("options", "truth")}
+        for r in rows
+    ]
 
 
 def rescore(predictions_file: Path, data_dir: Path, split: str = "test") -> dict:
@@ -256,6 +295,7 @@ def answer_all(
                 "question": question,
                 "reference": reference,
                 "options": record.get("options"),
+                "truth": record.get("truth"),
                 "prediction": prediction,
             }
         )
@@ -285,6 +325,7 @@ def evaluate_offline_med(
     seed: int = 0,
     predictions_file: str | Path | None = None,
     baseline_models: dict | None = None,
+    probe_ceilings: dict[str, float] | None = None,
 ) -> dict:
     """Scores of `model` on the offline-med `split`, with baselines measured on the same records.
 
@@ -292,6 +333,7 @@ def evaluate_offline_med(
     split, records, seconds}; every score is a fraction in [0, 1] or None when a group has no
     (closed) questions. `baseline_models` may supply {"untrained_projector": (model, processor)}
     (tests pass tiny random models); by default the untrained tiny model is built.
+    `probe_ceilings` (family -> fraction, `read_probe_ceilings`) are reported per family.
     """
     started = time.time()
     data_dir = Path(data_dir)
@@ -300,7 +342,7 @@ def evaluate_offline_med(
     rows = answer_all(
         model, processor, records, data_dir, cache, max_new_tokens=max_new_tokens, label="model"
     )
-    result = score(rows)
+    result = score(rows, probe_ceilings)
     result["baselines"] = {}
     all_rows = {"model": rows}
     for name in baselines:
@@ -342,6 +384,16 @@ def evaluate_offline_med(
         split=split, per_family=per_family, seed=seed, seconds=round(time.time() - started, 1)
     )
     return result
+
+
+def read_probe_ceilings(path: Path, split: str) -> dict[str, float]:
+    """family -> the probe's accuracy on `split`'s questions, from probe-features' JSON
+    (`ceilings.<split>.<family>`)."""
+    data = json.loads(Path(path).read_text())
+    ceilings = data.get("ceilings", {}).get(split)
+    if ceilings is None:
+        raise ValueError(f"{path} has no probe ceilings for the {split!r} split; rerun probe-features")
+    return {family: value for family, value in ceilings.items() if value is not None}
 
 
 def table(result: dict) -> str:
@@ -400,6 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--predictions", type=Path, default=None, help="write every prediction (JSONL)"
     )
     parser.add_argument(
+        "--probe", type=Path, default=None, help="probe-features JSON: adds each family's probe_ceiling"
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the JSON result instead of a table"
     )
 
@@ -419,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         predictions_file=args.predictions,
+        probe_ceilings=read_probe_ceilings(args.probe, args.split) if args.probe else None,
     )
     result = {"benchmark": "offline-med", "model": str(args.model)} | result
     print(json.dumps(result, indent=2) if args.json else table(result))

@@ -130,6 +130,8 @@ class Writer:
         }
         if len(sample.turns) == 1 and sample.turns[0].options:
             record["options"] = list(sample.turns[0].options)
+        if len(sample.turns) == 1 and sample.turns[0].truth is not None:
+            record["truth"] = sample.turns[0].truth
         if sample.detail:
             record["detail"] = sample.detail
         if sample.group:

@@ -8,13 +8,20 @@ plane, window): their truths are not uniform (most slices are axial), so "Is thi
 axial plane?" is mostly "yes" by prior. Every split therefore asks each closed fact question
 once per option it offers, each time of an image whose truth is that option (`complements`): a
 question's text then tells nothing about its answer, as in VQA v2's complementary pairs.
+
+Answers are short sentences with the evidence first: "This is a CT, so no." for a yes/no
+question, "This is a CT." for a choose-one or open one. A 135M LLM learns to name what it sees
+long before it learns to check a named option against the image (a bare "no" collapses to one
+answer for every image); with the naming first, the yes/no follows from the sentence it has just
+written. `Turn.truth` keeps the option an answer commits to, which is what evaluation scores.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -70,6 +77,7 @@ class Turn:
     answer: str
     options: tuple[str, ...] = ()
     asked: str | None = None  # yes/no questions about a fact: the value the question names
+    truth: str | None = None  # the option (or, for open questions, the fact) the answer commits to
 
 
 @dataclass
@@ -115,35 +123,82 @@ def or_list(options: list[str]) -> str:
     return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
 
 
-def closed_yes_no(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
+MODALITY_NAME = {
+    "CT": "a CT",
+    "MRI": "an MRI",
+    "X-ray": "an X-ray",
+    "ultrasound": "an ultrasound image",
+    "fundus photograph": "a fundus photograph",
+    "histology": "a histology image",
+}
+REGION_NAME = {"tissue": "a tissue section"}
+EVIDENCE = {
+    "modality": lambda v: f"This is {MODALITY_NAME[v]}",
+    "body_region": lambda v: f"It shows {REGION_NAME.get(v, 'the ' + v)}",
+    "plane": lambda v: f"The slice is in the {v} plane",
+    "window": lambda v: f"It is shown in a {v} window",
+}
+
+
+def sentence(evidence: str) -> str:
+    """The answer of a choose-one or open question: the evidence as a sentence."""
+    return f"{evidence}."
+
+
+def fact_sentence(family: str, value: str) -> str:
+    return sentence(EVIDENCE[family](value))
+
+
+def so_yes_no(evidence: str, flag: bool) -> str:
+    """The answer of a yes/no question: the evidence, then the verdict that follows from it."""
+    return f"{evidence}, so {yes_no(flag)}."
+
+
+def fact_answer(family: str, turn: Turn, truth: str) -> Turn:
+    """`turn` answered for an image whose `family` fact is `truth` (complements reuse a
+    question on other images, so the evidence is rebuilt from each image's own fact)."""
+    evidence = EVIDENCE[family](truth)
+    if turn.asked is not None:
+        verdict = yes_no(truth == turn.asked)
+        return replace(turn, answer=so_yes_no(evidence, truth == turn.asked), truth=verdict)
+    return replace(turn, answer=sentence(evidence), truth=truth)
+
+
+def closed_yes_no(rng: random.Random, bal: Balancer, family: str, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
     """'Is this X?' with X the truth or, half of the time, another member of the vocabulary."""
-    return yes_no_turn(rng, bal.flip(f"{kind}:yes"), truth, vocab, template)
+    return yes_no_turn(rng, bal.flip(f"{family}:yes"), family, truth, vocab, template)
 
 
-def yes_no_turn(rng: random.Random, answer_yes: bool, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
+def yes_no_turn(rng: random.Random, answer_yes: bool, family: str, truth: str, vocab: tuple[str, ...], template: str) -> Turn:
     """'Is this X?' asking the truth when `answer_yes`, else a random other member."""
     asked = truth if answer_yes else rng.choice([v for v in vocab if v != truth])
-    return Turn(template.format(asked) + " Answer yes or no.", yes_no(answer_yes), ("yes", "no"), asked)
+    turn = Turn(template.format(asked) + " Answer yes or no.", "", ("yes", "no"), asked)
+    return fact_answer(family, turn, truth)
 
 
-def closed_choice(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str, n: int = 2) -> Turn:
-    """Choose-one with the options named in the question; the truth's position is balanced."""
+def closed_choice(
+    rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], template: str, say: Callable[[str], str], n: int = 2
+) -> Turn:
+    """Choose-one with the options named in the question; the truth's position is balanced.
+    `say` turns the truth into the answer sentence."""
     others = rng.sample([v for v in vocab if v != truth], min(n - 1, len(vocab) - 1))
     options = [truth, *others] if bal.flip(f"{kind}:first") else [*others, truth]
     if len(options) > 2:
         rng.shuffle(options)
-    return Turn(template.format(or_list(options)), truth, tuple(options))
+    return Turn(template.format(or_list(options)), say(truth), tuple(options), truth=truth)
 
 
-def fact_turn(rng: random.Random, bal: Balancer, kind: str, truth: str, vocab: tuple[str, ...], phrasing: tuple[str, str, str]) -> Turn:
-    """One question about a categorical fact, as yes/no, choose-one or open short answer."""
+def fact_turn(rng: random.Random, bal: Balancer, family: str, truth: str, vocab: tuple[str, ...], phrasing: tuple[str, str, str]) -> Turn:
+    """One question about a categorical fact, as yes/no, choose-one or open, answered with
+    the evidence first."""
     yes_no_t, choice_t, open_t = phrasing
     form = rng.choices(("yes_no", "choice", "open"), weights=(0.35, 0.35, 0.3))[0]
     if form == "yes_no":
-        return closed_yes_no(rng, bal, kind, truth, vocab, yes_no_t)
+        return closed_yes_no(rng, bal, family, truth, vocab, yes_no_t)
     if form == "choice":
-        return closed_choice(rng, bal, kind, truth, vocab, choice_t, n=3 if kind == "plane" else 2)
-    return Turn(open_t, truth)
+        say = partial(fact_sentence, family)
+        return closed_choice(rng, bal, family, truth, vocab, choice_t, say, n=3 if family == "plane" else 2)
+    return Turn(open_t, fact_sentence(family, truth), truth=truth)
 
 
 PHRASING = {
@@ -234,7 +289,7 @@ def fact_samples(
             turn = replace(turn, question=rng.choice((turn.question, *OPEN_VARIANTS[family])))
         yield Sample(family, view.source, view.image, [turn], key)
         if paired and turn.options == ("yes", "no"):
-            mirror = yes_no_turn(rng, turn.answer == "no", truth, vocab, PHRASING[family][0])
+            mirror = yes_no_turn(rng, turn.truth == "no", family, truth, vocab, PHRASING[family][0])
             yield Sample(family, view.source, view.image, [mirror], key)
     if rng.random() < 0.3:
         turn = Turn(rng.choice(("Describe this image in detail.", "Write a short report of what this image shows.")), description(view))
@@ -251,14 +306,15 @@ def complements(sample: Sample, keyed_views: list[tuple[str, View]], rng: random
     turn = sample.turns[0]
     truths = [(key, view, facts_of(view).get(sample.family, (None,))[0]) for key, view in keyed_views]
     found = []
-    for answer in [o for o in turn.options if o != turn.answer]:
+    for answer in [o for o in turn.options if o != turn.truth]:
         if turn.asked is None:
-            candidates = [(key, view) for key, view, truth in truths if truth == answer]
+            candidates = [(key, view, truth) for key, view, truth in truths if truth == answer]
         else:
-            candidates = [(key, view) for key, view, truth in truths if truth is not None and (truth == turn.asked) == (answer == "yes")]
+            candidates = [(key, view, truth) for key, view, truth in truths if truth is not None and (truth == turn.asked) == (answer == "yes")]
         if candidates:
-            key, view = rng.choice(candidates)
-            found.append(Sample(sample.family, view.source, view.image, [replace(turn, answer=answer)], key, group=sample.group))
+            key, view, truth = rng.choice(candidates)
+            answered = fact_answer(sample.family, turn, truth)
+            found.append(Sample(sample.family, view.source, view.image, [answered], key, group=sample.group))
     return found
 
 
@@ -275,6 +331,10 @@ def multi_turn_sample(view: View, key: str, rng: random.Random, bal: Balancer) -
     return Sample("multi_turn", view.source, view.image, turns, key)
 
 
+def lesion_at(where: str) -> str:
+    return f"The lesion is in the {where} quadrant."
+
+
 FINDING_PRESENT = "Is there a simulated round lesion (a focal round spot added to the image)? Answer yes or no."
 
 
@@ -285,15 +345,17 @@ def finding_samples(view: View, rng: random.Random, bal: Balancer, paired: bool 
         image, drawn = draw_lesion(view.image, rng)
         where = quadrant(*drawn.centre, image.width, image.height)
         if rng.random() < 0.5:
-            turn = closed_choice(rng, bal, "finding_quadrant", where, QUADRANTS, "A simulated round lesion was added to this image. In which image quadrant is it: {}?", n=4)
+            question = "A simulated round lesion was added to this image. In which image quadrant is it: {}?"
+            turn = closed_choice(rng, bal, "finding_quadrant", where, QUADRANTS, question, lesion_at, n=4)
         else:
-            turn = Turn("A simulated round lesion was added to this image. Where is it?", f"{where} quadrant")
+            turn = Turn("A simulated round lesion was added to this image. Where is it?", lesion_at(where), truth=where)
         yield Sample("finding", view.source, image, [turn])
         return
     present = bal.flip("finding:yes")
     for shown in (present, not present) if paired else (present,):
         image = draw_lesion(view.image, rng)[0] if shown else view.image.copy()
-        yield Sample("finding", view.source, image, [Turn(FINDING_PRESENT, yes_no(shown), ("yes", "no"))])
+        evidence = "There is a round lesion" if shown else "There is no round lesion"
+        yield Sample("finding", view.source, image, [Turn(FINDING_PRESENT, so_yes_no(evidence, shown), ("yes", "no"), truth=yes_no(shown))])
 
 
 RADIOLOGICAL = "Images follow the radiological convention: the patient's left is on the image's right."
@@ -312,15 +374,17 @@ def laterality_sample(view: View, rng: random.Random, bal: Balancer) -> Sample |
     if point is None:
         return None
     side = "left" if left else "right"
+    evidence = f"The marked point is on the patient's {side}"
     image = draw_marker(view.image, *point)
     form = rng.random()
     if form < 0.4:
-        turn = Turn(f"{RADIOLOGICAL} Is the point marked by the red circle on the patient's left or right side?", side, ("left", "right"))
+        turn = Turn(f"{RADIOLOGICAL} Is the point marked by the red circle on the patient's left or right side?", sentence(evidence), ("left", "right"), truth=side)
     elif form < 0.8:
         asked = side if bal.flip("laterality:yes") else ("right" if left else "left")
-        turn = Turn(f"{RADIOLOGICAL} Is the point marked by the red circle on the patient's {asked} side? Answer yes or no.", yes_no(asked == side), ("yes", "no"))
+        question = f"{RADIOLOGICAL} Is the point marked by the red circle on the patient's {asked} side? Answer yes or no."
+        turn = Turn(question, so_yes_no(evidence, asked == side), ("yes", "no"), truth=yes_no(asked == side))
     else:
-        turn = Turn(f"{RADIOLOGICAL} On which side of the patient is the marked point?", side)
+        turn = Turn(f"{RADIOLOGICAL} On which side of the patient is the marked point?", sentence(evidence), truth=side)
     return Sample("laterality", view.source, image, [turn])
 
 
@@ -350,17 +414,23 @@ def atlas_sample(view: View, names: dict[int, str], rng: random.Random, bal: Bal
         return None
     image = draw_marker(view.image, x, y)
     prefix = "The red circle marks a point in the brain."
+    evidence = f"The marked point is in the {truth}"
     form = rng.random()
     if form < 0.35:
         asked = truth if bal.flip("atlas:yes") else rng.choice(in_slice)
-        turn = Turn(f"{prefix} Is the marked point in the {asked} (AAL atlas)? Answer yes or no.", yes_no(asked == truth), ("yes", "no"))
+        question = f"{prefix} Is the marked point in the {asked} (AAL atlas)? Answer yes or no."
+        turn = Turn(question, so_yes_no(evidence, asked == truth), ("yes", "no"), truth=yes_no(asked == truth))
     elif form < 0.7:
         other = rng.choice(in_slice)
         options = (truth, other) if bal.flip("atlas:first") else (other, truth)
-        turn = Turn(f"{prefix} Which AAL atlas region is it in: {options[0]} or {options[1]}?", truth, options)
+        turn = Turn(f"{prefix} Which AAL atlas region is it in: {options[0]} or {options[1]}?", sentence(evidence), options, truth=truth)
     else:
-        turn = Turn(f"{prefix} Which AAL atlas region is the marked point in?", truth)
+        turn = Turn(f"{prefix} Which AAL atlas region is the marked point in?", sentence(evidence), truth=truth)
     return Sample("atlas_region", view.source, image, [turn])
+
+
+def label_says(text: str) -> str:
+    return f"The label says {text}."
 
 
 def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer) -> Sample:
@@ -372,7 +442,9 @@ def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer)
         if present:
             canvas, drawn = draw_blob(canvas, rng)
             detail["box"] = list(drawn.box)
-        turn = Turn("Look closely: is there a tiny round dot somewhere in this image? Answer yes or no.", yes_no(present), ("yes", "no"))
+        evidence = "There is a tiny dot" if present else "There is no tiny dot"
+        question = "Look closely: is there a tiny round dot somewhere in this image? Answer yes or no."
+        turn = Turn(question, so_yes_no(evidence, present), ("yes", "no"), truth=yes_no(present))
         return Sample("fine_detail", view.source, canvas, [turn], detail=detail)
     text = random_label(rng)
     canvas, drawn = draw_label(canvas, text, rng)
@@ -382,7 +454,7 @@ def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer)
         while other == text:
             other = random_label(rng, len(text))
         options = (text, other) if bal.flip("fine_label:first") else (other, text)
-        turn = Turn(f"{question}: {options[0]} or {options[1]}?", text, options)
+        turn = Turn(f"{question}: {options[0]} or {options[1]}?", label_says(text), options, truth=text)
     else:
-        turn = Turn(f"{question}?", text)
+        turn = Turn(f"{question}?", label_says(text), truth=text)
     return Sample("fine_detail", view.source, canvas, [turn], detail={"kind": "label", "box": list(drawn.box), "text": text})
