@@ -24,7 +24,15 @@ from app.log import ImageRecord, SessionLog, TurnRecord, utcnow
 from app.overlay import draw_grids
 from dragonfly_med.chat import SamplingParams
 from dragonfly_med.geometry import CropPlan
-from dragonfly_med.ingest import IngestLimits, LoadedImage, load_image
+from dragonfly_med.ingest import (
+    IngestLimits,
+    InvalidRequestError,
+    LoadedImage,
+    TooLargeError,
+    _size_text,
+    load_image,
+)
+from dragonfly_med.series import SeriesSet, load_slice, open_upload
 
 NO_IMAGE_HINT = "Text-only conversation: load an image to ask about it."
 
@@ -82,11 +90,33 @@ def read_upload(path: str | Path, delete: bool) -> bytes:
         return path.read_bytes()
     finally:
         if delete:
-            path.unlink(missing_ok=True)
-            try:
-                path.parent.rmdir()  # Gradio puts each upload in its own folder
-            except OSError:
-                pass
+            remove_upload(path)
+
+
+def read_uploads(paths: list[str | Path], delete: list[bool], max_bytes: int) -> list[bytes]:
+    """Several uploaded files (a series, a folder): the total is checked before any is read,
+    and every cached copy is removed, whether they are read or refused."""
+    try:
+        total = sum(Path(p).stat().st_size for p in paths)
+        if total > max_bytes:
+            raise TooLargeError(
+                f"These {len(paths)} files are {_size_text(total)} in all, above the limit of {_size_text(max_bytes)}: "
+                "upload one series at a time, or ask the administrator to raise --max-upload-mb"
+            )
+        return [read_upload(p, delete=False) for p in paths]
+    finally:
+        for path, ours in zip(paths, delete, strict=True):
+            if ours:
+                remove_upload(Path(path))
+
+
+def remove_upload(path: Path) -> None:
+    """Remove one upload and its folder (Gradio puts each upload in its own) from the cache."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
 
 
 class UserSession:
@@ -97,6 +127,9 @@ class UserSession:
         self.key = key  # Gradio's session hash, for clean-up when the page goes away
         self.user = user
         self.source: bytes | None = None
+        self.upload: SeriesSet | None = None  # several files, a .zip or a folder: its series
+        self.series_index = 0  # the series on screen, in self.upload.series
+        self.slice_index = 0  # the slice on screen, in that series
         self.view: ImageView | None = None
         self.window: str | tuple[float, float] | None = None
         self.frame: int | None = None
@@ -120,7 +153,43 @@ class UserSession:
     def load(self, source: bytes, window: str | tuple[float, float] | None = None, frame: int | None = None) -> ImageView:
         """Decode a new file (raises IngestError) and start a new conversation about it."""
         loaded = load_image(source, frame=frame, window=window, limits=self.services.limits)
-        self.source, self.window, self.frame = source, window, loaded.facts.frame_index
+        self.source, self.upload, self.window, self.frame = source, None, window, loaded.facts.frame_index
+        return self._show(loaded)
+
+    def load_files(self, sources: list[bytes], one_series: bool = False) -> ImageView:
+        """One file, several DICOM files, a .zip or a CD folder; a series shows its middle slice.
+
+        Everything is checked before anything changes (raises IngestError): a refused upload
+        leaves the image on screen and its conversation as they were. one_series: an API call,
+        which has no series picker, refuses an upload of several series.
+        """
+        upload = open_upload(sources, self.services.limits)
+        if not isinstance(upload, SeriesSet):
+            return self.load(upload)
+        index = upload.series.index(upload.require_one()) if one_series else upload.default_index()
+        loaded = load_slice(upload.series[index], limits=self.services.limits)
+        self.source, self.upload, self.window = None, upload, None
+        return self._show_slice(index, loaded)
+
+    def select_slice(self, index: int | None, series_index: int | None = None) -> bool:
+        """Another slice of the series (or another series, at its middle slice): new pixels,
+        so a new conversation; the window stays. False, changing nothing, for a repeat."""
+        if self.upload is None:
+            raise LookupError("no series loaded")
+        with self.image_lock:
+            series_index = self.series_index if series_index is None else series_index
+            if not 0 <= series_index < len(self.upload.series):
+                raise InvalidRequestError(f"Series {series_index} does not exist: this upload has {len(self.upload.series)}")
+            if series_index == self.series_index and index in (None, self.slice_index):
+                return False
+            series = self.upload.series[series_index]
+            loaded = load_slice(series, index, window=self.window, limits=self.services.limits)
+            self._show_slice(series_index, loaded)
+            return True
+
+    def _show_slice(self, series_index: int, loaded: LoadedImage) -> ImageView:
+        self.series_index, self.slice_index = series_index, loaded.facts.series.slice
+        self.frame = loaded.facts.frame_index
         return self._show(loaded)
 
     def redisplay(self, window: str | tuple[float, float] | None, frame: int | None) -> bool:
@@ -129,12 +198,18 @@ class UserSession:
         Returns False, changing nothing, for a repeat of the current choice: widgets report one
         choice more than once, in concurrent events; the lock makes the later see the earlier.
         """
-        if self.source is None:
+        if self.source is None and self.upload is None:
             raise LookupError("no image loaded")
         with self.image_lock:
             if (window, frame) == (self.window, self.frame):
                 return False
-            self.load(self.source, window, frame)
+            if self.upload is None:
+                self.load(self.source, window, frame)
+                return True
+            series = self.upload.series[self.series_index]
+            loaded = load_slice(series, self.slice_index, window=window, frame=frame, limits=self.services.limits)
+            self.window = window
+            self._show_slice(self.series_index, loaded)
             return True
 
     def _show(self, loaded: LoadedImage) -> ImageView:
@@ -268,7 +343,7 @@ class UserSession:
         self.stop()
         if self.log_id is not None:
             self.services.log.end_session(self.log_id)
-        self.source = self.view = self.conversation = None
+        self.source = self.upload = self.view = self.conversation = None
 
 
 def nothing() -> Iterator[str]:
