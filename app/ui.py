@@ -1,4 +1,4 @@
-"""The page (Gradio 6 Blocks): image, what the model sees, chat, history; plus two API endpoints.
+"""The page (Gradio 6 Blocks): image or series, what the model sees, chat, history; plus API endpoints.
 
 Handlers are thin: they find the page's `UserSession` (kept in a `gr.State`), call it and turn
 the result into component updates. Every event that runs the model shares one concurrency
@@ -19,7 +19,7 @@ from gradio.utils import get_upload_folder
 
 from app.examples import Example, find_examples, thumbnail
 from app.overlay import LEGEND, display_copy
-from app.session import NO_IMAGE_HINT, ImageView, Services, UserSession, read_upload
+from app.session import NO_IMAGE_HINT, ImageView, Services, UserSession, read_upload, read_uploads
 from dragonfly_med.chat import SamplingParams
 from dragonfly_med.ingest import WINDOW_PRESETS, IngestError, load_image
 
@@ -54,6 +54,7 @@ def facts_markdown(view: ImageView) -> str:
     rows = [("Size", f"{f['columns']} × {f['rows']} px")]
     if f["frames"] > 1:
         rows.append(("Frame", f"{f['frame_index'] + 1} / {f['frames']}"))
+    rows += series_rows(f.get("series"))
     if f.get("pixel_spacing"):
         rows.append(("Pixel spacing", " × ".join(f"{v:g}" for v in f["pixel_spacing"]) + " mm"))
     if f.get("window"):
@@ -61,6 +62,33 @@ def facts_markdown(view: ImageView) -> str:
         rows.append(("Window", f"centre {w['center']:g}, width {w['width']:g} ({w['source']})"))
     rows += [(label, str(f[key])) for key, label in FACT_LABELS.items() if f.get(key) not in (None, "")]
     return "| Fact | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def series_rows(series: dict | None) -> list[tuple[str, str]]:
+    """Series-level facts for the panel: slice n / N, spacing, thickness, plane (no identifiers)."""
+    if not series:
+        return []
+    rows = [("Slice", f"{series['slice'] + 1} / {series['slices']}")]
+    if series.get("spacing_mm") is not None:
+        rows.append(("Slice spacing", f"{series['spacing_mm']:g} mm"))
+    if series.get("thickness_mm") is not None:
+        rows.append(("Slice thickness", f"{series['thickness_mm']:g} mm"))
+    if series.get("orientation"):
+        rows.append(("Orientation", series["orientation"]))
+    return rows
+
+
+def loaded_message(session: UserSession) -> str:
+    """What the upload became: an image, or a series (and what of it was left out, and why)."""
+    if session.upload is None:
+        return "Image loaded: new conversation."
+    series = session.upload.series[session.series_index]
+    text = (f"Series loaded: {len(series.slices)} slice(s), slice {session.slice_index + 1} shown"
+            f"{f' ({len(session.upload.series)} series: pick one above the image)' if len(session.upload.series) > 1 else ''}"
+            ": new conversation.")
+    if session.upload.left_out:
+        text += "\n\nLeft out:\n" + "\n".join(f"- {reason}" for reason in session.upload.left_out)
+    return text
 
 
 def window_choices(view: ImageView) -> list[tuple[str, str]]:
@@ -118,20 +146,36 @@ class Page:
             self.overlay: view.overlay, self.sees: sees_markdown(view),
             self.crops: [(crop, f"{i} {c.level}") for i, (crop, c) in enumerate(zip(view.crops, view.plan.crops, strict=True))],
             self.chatbot: [], self.suggestions: gr.update(choices=[], value=None, visible=False), self.state: session,
+            **self.series_updates(session),
+        }
+
+    def series_updates(self, session: UserSession) -> dict:
+        """The series picker (several series) and the slice slider `Slice n / N` (several slices)."""
+        if session.upload is None:
+            return {self.series_pick: gr.update(choices=[], value=None, visible=False), self.slice: gr.update(visible=False)}
+        everything, current = session.upload.series, session.upload.series[session.series_index]
+        count, index = len(current.slices), session.slice_index
+        return {
+            self.series_pick: gr.update(choices=[(s.label, str(i)) for i, s in enumerate(everything)],
+                                        value=str(session.series_index), visible=len(everything) > 1),
+            self.slice: gr.update(minimum=1, maximum=max(count, 2), value=index + 1, label=f"Slice {index + 1} / {count}",
+                                  visible=count > 1),
         }
 
     # ------------------------------------------------------------------ image handlers
 
-    def on_upload(self, path: str | None, state: UserSession | None, request: gr.Request) -> dict:
+    def on_upload(self, path: list[str] | str | None, state: UserSession | None, request: gr.Request) -> dict:
+        """Files chosen or dropped (one, several, a .zip) or a folder: an image, or a series."""
         session = self.session(state, request)
-        if not path:
+        paths = [path] if isinstance(path, str) else list(path or [])
+        if not paths:
             return {self.state: session}
         try:
-            source = read_upload(path, delete=is_upload(path))
-            session.load(source)
+            sources = read_uploads(paths, [is_upload(p) for p in paths], self.services.limits.max_file_bytes)
+            session.load_files(sources)
         except IngestError as exc:
             return {self.upload_msg: f"⚠️ {exc}", self.upload: None, self.state: session}
-        return self.view_updates(session, "Image loaded: new conversation.")
+        return self.view_updates(session, loaded_message(session))
 
     def on_window(self, choice: str, state: UserSession | None, request: gr.Request) -> dict:
         """A window from the dropdown; "Custom" waits for the Apply button and its numbers."""
@@ -149,6 +193,28 @@ class Page:
     def on_frame(self, frame: float, state: UserSession | None, request: gr.Request) -> dict:
         session = self.session(state, request)
         return self._redisplay(session, session.window, int(frame) - 1, "Frame")
+
+    def on_slice(self, number: float, state: UserSession | None, request: gr.Request) -> dict:
+        """The slice slider (1-based on the page): new pixels, so a new conversation."""
+        return self._select(self.session(state, request), int(number) - 1, None, "Slice")
+
+    def on_series(self, choice: str | None, state: UserSession | None, request: gr.Request) -> dict:
+        """The series picker: that series' middle slice, a new conversation."""
+        session = self.session(state, request)
+        if choice in (None, ""):
+            return {self.state: session}
+        return self._select(session, None, int(choice), "Series")
+
+    def _select(self, session: UserSession, index: int | None, series_index: int | None, what: str) -> dict:
+        """Show another slice or series of the upload; only the state comes back when nothing changed."""
+        if session.upload is None:
+            return {self.state: session}
+        try:
+            if not session.select_slice(index, series_index):
+                return {self.state: session}
+        except IngestError as exc:
+            return {self.upload_msg: f"⚠️ {exc}", self.state: session}
+        return self.view_updates(session, f"{what} changed: new conversation about the new pixels.")
 
     def _redisplay(self, session: UserSession, window, frame: int | None, what: str) -> dict:
         """Re-decode the session's file; only the state comes back when nothing changed."""
@@ -261,12 +327,27 @@ class Page:
         """`/load_image`: a file -> its de-identified facts and crop plan (refusals raise gr.Error)."""
         session = self.session(state, request)
         if not path:
-            raise gr.Error("Send a file: a DICOM (any or no extension) or a photo.", print_exception=False)
+            raise gr.Error("Send a file: a DICOM (any or no extension), a photo or a .zip of one series.", print_exception=False)
         try:
-            view = session.load(read_upload(path, delete=is_upload(path)))
+            view = session.load_files([read_upload(path, delete=is_upload(path))], one_series=True)
         except IngestError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         return view.to_dict(), session
+
+    def api_select_slice(self, index: float | None, state: UserSession | None, request: gr.Request) -> tuple[dict, UserSession]:
+        """`/select_slice`: slice `index` (0-based, in position order) of the series loaded last, as
+        `/load_image` answers; a new conversation about it (the same slice again changes nothing)."""
+        session = self.session(state, request)
+        if session.upload is None:
+            raise gr.Error("No series is loaded in this session: send a .zip of one series to /load_image first.",
+                           print_exception=False)
+        if index is None or float(index) != int(index):
+            raise gr.Error(f"The slice index must be a whole number, not {index}.", print_exception=False)
+        try:
+            session.select_slice(int(index))
+        except IngestError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        return session.view.to_dict(), session
 
     def api_send(self, message: str, temperature: float, top_p: float, max_new_tokens: int,
                  state: UserSession | None, request: gr.Request):
@@ -329,9 +410,13 @@ class Page:
 
     def _image_column(self) -> None:
         with gr.Column(scale=1):
-            self.upload = gr.File(label=f"Image: click or drop a DICOM (any or no extension) or photo, ≤ {self.max_upload_mb} MB",
-                                  file_count="single", type="filepath", elem_id="upload")
+            self.upload = gr.File(label="Image: click or drop a DICOM (any or no extension) or photo; or a series: several "
+                                  f"DICOM files or a .zip; ≤ {self.max_upload_mb} MB in all",
+                                  file_count="multiple", type="filepath", elem_id="upload")
+            self.folder = gr.UploadButton("Open a folder (a CD's DICOM folder, with or without DICOMDIR)",
+                                          file_count="directory", type="filepath", size="sm", elem_id="upload-folder")
             self.upload_msg = gr.Markdown(NO_IMAGE_HINT, elem_id="upload-message")
+            self.series_pick = gr.Dropdown(label="Series", choices=[], visible=False, elem_id="series")
             self.image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320, elem_id="image")
             with gr.Row():
                 self.window = gr.Dropdown(label="Window", choices=[("File default", FILE_DEFAULT)], value=FILE_DEFAULT,
@@ -340,6 +425,7 @@ class Page:
                 self.width = gr.Number(label="Width", visible=False, min_width=80, elem_id="width")
                 self.apply = gr.Button("Apply centre/width", visible=False, size="sm", elem_id="apply")
             self.frame = gr.Slider(1, 2, step=1, value=1, label="Frame", visible=False, elem_id="frame")
+            self.slice = gr.Slider(1, 2, step=1, value=1, label="Slice", visible=False, elem_id="slice")
             self.facts = gr.Markdown(elem_id="facts")
             self.gallery = gr.Gallery(value=[(thumbnail(load_image(e.path).image), e.title) for e in self.examples],
                                       label="Examples (click to load)", columns=5, height=150, allow_preview=False,
@@ -378,7 +464,7 @@ class Page:
         self.history_tab = tab
 
     def _api_endpoints(self) -> None:
-        """Hidden components behind `/load_image` and `/send` (API clients only)."""
+        """Hidden components behind `/load_image`, `/select_slice` and `/send` (API clients only)."""
         with gr.Row(visible=False):
             self.api_file = gr.File(type="filepath")
             self.api_info = gr.JSON()
@@ -386,12 +472,18 @@ class Page:
             self.api_answer = gr.Textbox()
             self.api_load = gr.Button()
             self.api_ask = gr.Button()
+            self.api_index = gr.Number(precision=0)
+            self.api_select = gr.Button()
 
     def _wire(self) -> None:
         hidden = {"api_visibility": "undocumented"}
         view_outputs = [self.upload_msg, self.upload, self.image, self.facts, self.window, self.centre, self.width,
-                        self.apply, self.frame, self.overlay, self.sees, self.crops, self.chatbot, self.suggestions, self.state]
+                        self.apply, self.frame, self.overlay, self.sees, self.crops, self.chatbot, self.suggestions, self.state,
+                        self.series_pick, self.slice]
         self.upload.upload(self.on_upload, [self.upload, self.state], view_outputs, **hidden)
+        self.folder.upload(self.on_upload, [self.folder, self.state], view_outputs, **hidden)
+        self.series_pick.input(self.on_series, [self.series_pick, self.state], view_outputs, **hidden)
+        self.slice.input(self.on_slice, [self.slice, self.state], view_outputs, trigger_mode="always_last", **hidden)
         self.window.input(self.on_window, [self.window, self.state], view_outputs, **hidden)
         self.apply.click(self.on_custom_window, [self.centre, self.width, self.state], view_outputs, **hidden)
         # dragging reports every step: only the latest pending frame is decoded
@@ -419,6 +511,8 @@ class Page:
         self.pick.input(self.history_session, [self.pick], [self.past_chat, self.export_file, self.export_json], **hidden)
 
         self.api_load.click(self.api_load_image, [self.api_file, self.state], [self.api_info, self.state], api_name="load_image")
+        self.api_select.click(self.api_select_slice, [self.api_index, self.state], [self.api_info, self.state],
+                              api_name="select_slice")
         self.api_ask.click(self.api_send, [self.api_message, *sampling, self.state], [self.api_answer, self.state],
                            api_name="send", concurrency_id=MODEL_GROUP, concurrency_limit=self.concurrency)
 
