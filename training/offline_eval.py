@@ -397,30 +397,39 @@ def read_probe_ceilings(path: Path, split: str) -> dict[str, float]:
 
 
 def table(result: dict) -> str:
-    """A Markdown table: the model and each baseline, overall and per family (closed acc / F1)."""
+    """A Markdown table: the model and each baseline, overall and per family (closed acc / F1),
+    with the family's probe ceiling and the yes rates where measured."""
     systems = {"model": result} | result.get("baselines", {})
+    ceilings = any("probe_ceiling" in block for block in result["by_family"].values())
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
 
     def cell(block: dict) -> str:
-        acc, f1 = block.get("closed_accuracy"), block.get("token_f1")
-        return f"{'-' if acc is None else f'{100 * acc:.1f}'} / {'-' if f1 is None else f'{100 * f1:.1f}'}"
+        return f"{pct(block.get('closed_accuracy'))} / {pct(block.get('token_f1'))}"
 
-    lines = ["| family (n) | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
-    lines.append(
-        "| **overall** ("
-        + str(result["n"])
-        + ") | "
-        + " | ".join(cell(s) for s in systems.values())
-        + " |"
-    )
-    for family, block in result["by_family"].items():
-        lines.append(
-            f"| {family} ({block['n']}, {block.get('n_closed', '?')} closed) | "
-            + " | ".join(cell(s["by_family"][family]) for s in systems.values())
-            + " |"
-        )
+    extra = ["probe ceiling"] if ceilings else []
+    extra.append("yes rate (truth)")
+
+    def extras(block: dict) -> list[str]:
+        cells = [pct(block.get("probe_ceiling"))] if ceilings else []
+        return cells + [f"{pct(block.get('yes_rate'))} ({pct(block.get('truth_yes_rate'))})"]
+
+    columns = [*systems, *extra]
+    lines = ["| family (n) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [(f"**overall** ({result['n']})", result, lambda s: s)]
+    rows += [
+        (f"{family} ({block['n']}, {block.get('n_closed', '?')} closed)", block, lambda s, f=family: s["by_family"][f])
+        for family, block in result["by_family"].items()
+    ]
+    for name, block, pick in rows:
+        cells = [cell(pick(s)) for s in systems.values()] + extras(block)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return (
         "\n".join(lines)
-        + "\n\ncells: closed accuracy % / token F1 %; '-': no such questions in the sample.\n"
+        + "\n\ncells: closed accuracy % / token F1 %; '-': no such questions in the sample. probe ceiling:"
+        " a linear read-out of the frozen tower's features on the same questions (training/probe_ceilings.py);"
+        " yes rate: the model's share of 'yes' answers to yes/no questions (the truth's in brackets).\n"
     )
 
 

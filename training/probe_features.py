@@ -1,5 +1,11 @@
-"""`python -m training probe-features`: how well the tiny model's frozen vision tower tells the
-modality and body region of sources it never saw, read out by a linear classifier.
+"""`python -m training probe-features`: what the tiny model's frozen vision tower tells of
+held-out images, read out by linear classifiers.
+
+    python -m training probe-features [--split test] [--out F.json]   # per-family ceilings on the eval's questions
+    python -m training probe-features --by-source [--levels low medium high]   # modality/region per held-out source
+
+The default reads out the evaluation's own drawn questions (`training/probe_ceilings.py`); its
+JSON is what `eval --probe` reads. `--by-source` is the source-level probe below.
 
 Why: the tiny model must name the modality and body region of held-out offline-med sources, and
 its LLM sees an image only through the tower's features. A linear classifier trained on the
@@ -131,12 +137,44 @@ def fit_and_score(views: list[ProbedView], family: str, levels: tuple[str, ...],
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scale", default="full", choices=sorted(SCALES), help="views per source, as offline-med builds them")
-    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS, help="crop levels to probe (high: 36 crops per view, the slow one)")
+    from training.offline_eval import PER_FAMILY
+    from training.offline_med import add_data_argument
+
+    add_data_argument(parser)
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="whose questions the ceilings are measured on")
+    parser.add_argument("--per-family", type=int, default=PER_FAMILY, help="questions per family, drawn as eval draws them; 0 = all")
+    parser.add_argument("--seed", type=int, default=0, help="the eval's draw seed")
+    parser.add_argument("--by-source", action="store_true", help="the source-level modality/region probe instead")
+    parser.add_argument("--scale", default="full", choices=sorted(SCALES), help="--by-source: views per source, as offline-med builds them")
+    parser.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS, help="--by-source: crop levels to probe (high: 36 crops per view, the slow one)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_by_source(args) if args.by_source else run_ceilings(args)
+
+
+def run_ceilings(args: argparse.Namespace) -> int:
+    """Per-family ceilings on the evaluation's questions, printed and written for `eval --probe`."""
+    from dragonfly_med.loading import load_model
+    from training.offline_eval import load_split, subsample
+    from training.offline_med import ensure_built
+    from training.probe_ceilings import probe_ceilings, write_ceilings
+
+    ensure_built(args.data)
+    model, processor = load_model("tiny-base", dtype=torch.float32, device_map="cpu")
+    held_out = subsample(load_split(args.data, args.split), args.per_family or None, seed=args.seed)
+    result = probe_ceilings(model, processor.image_processor, args.data, held_out, seed=args.seed)
+    for family, ceiling in sorted(result["ceilings"].items()):
+        print(f"{family:<14} {ceiling:.1%}  ({result['n'][family]} questions)")
+    for name, accuracy in result["fine_detail_by_level"].items():
+        print(f"fine_detail {name:<20} {'-' if accuracy is None else f'{accuracy:.1%}'}")
+    if args.out:
+        write_ceilings(result, args.split, args.out)
+    return 0
+
+
+def run_by_source(args: argparse.Namespace) -> int:
     levels = tuple(level for level in LEVELS if level in args.levels)
     views = probe_views(args.scale, levels)
     readouts = [(level,) for level in levels] + ([levels] if len(levels) > 1 else [])

@@ -283,6 +283,11 @@ def targets(result: dict) -> str:
     )
 
 
+def fine_levels(result: dict) -> str:
+    by_level = result.get("fine_detail_probe_by_level") or {}
+    return ", ".join(f"{name} {fmt(value)}%" for name, value in by_level.items()) or "not measured"
+
+
 def model_card(result: dict, log: list[dict], budget: str, data_dir: Path) -> str:
     """assets/tiny/README.md: what was trained, on what, how well, and what it cannot do."""
     from training.offline_eval import table
@@ -356,9 +361,13 @@ one word.
 Overall closed accuracy **{fmt(result["closed_accuracy"])}%** (no image: {fmt(base["no_image"]["closed_accuracy"])}%,
 untrained projector: {fmt(base["untrained_projector"]["closed_accuracy"])}%); token F1 {fmt(result["token_f1"])}%.
 `model` is the shipped tiny model; `no_image` the same model asked without the image;
-`untrained_projector` the tiny model before training (packaged LLM, seeded random projector). A closed answer counts when it names exactly the right option
-(`closed_accuracy`); `eval.json` also has `closed_accuracy_strict` (the whole answer must be
-the option).
+`untrained_projector` the tiny model before training (packaged LLM, seeded random projector).
+Answers give the evidence first ("This is a CT, so no."); a closed answer counts when the
+option it commits to after its evidence is right (`closed_accuracy`); `eval.json` also has
+`closed_accuracy_strict` (the whole answer must be the reference sentence). The probe ceiling
+of each family is a linear read-out of the frozen tower's features on the same questions:
+a family far below its ceiling has a learning gap, a ceiling near chance a data or geometry
+gap. Fine-detail dot questions read out per crop level: {fine_levels(result)}.
 
 Targets of issue 18: {targets(result)}
 
@@ -479,7 +488,8 @@ def evaluate_shipped(args: argparse.Namespace, assets: tuple[Path, Path]) -> dic
     and adapters (when the assets are the repository's), else the last stage's final folder."""
     from dragonfly_med.loading import load_model
     from dragonfly_med.tiny import PROJECTOR_ASSET
-    from training.offline_eval import evaluate_offline_med
+    from training.offline_eval import evaluate_offline_med, load_split, subsample
+    from training.probe_ceilings import probe_ceilings
 
     cached = args.output / "eval.json"
     fingerprint = assets_fingerprint(assets)
@@ -492,13 +502,17 @@ def evaluate_shipped(args: argparse.Namespace, assets: tuple[Path, Path]) -> dic
         else str(args.output / "stage3" / "final")
     )
     model, processor = load_model(name, dtype=torch.float32, device_map="cpu")
+    held_out = subsample(load_split(args.data, "test"), args.per_family)
+    ceilings = probe_ceilings(model, processor.image_processor, args.data, held_out)
     result = evaluate_offline_med(
         model,
         processor,
         args.data,
         per_family=args.per_family,
         predictions_file=args.output / "predictions.jsonl",
+        probe_ceilings=ceilings["ceilings"],
     )
+    result["fine_detail_probe_by_level"] = ceilings["fine_detail_by_level"]
     result |= {"model": name, "assets": fingerprint}
     cached.write_text(json.dumps(result, indent=2) + "\n")
     return result
