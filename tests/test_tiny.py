@@ -95,7 +95,7 @@ def test_shipped_tiny_names_the_modality_of_the_gallery_images(tiny):
     expected = {"CT_small.dcm": ("ct",), "MR_small.dcm": ("mri",), "ihc.png": ("histology", "immunohistochemistry"), "retina.jpg": ("fundus",)}
     examples = {e.path.name: e for e in find_examples() if e.path.name in expected}
     assert examples, "no gallery image found"
-    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=16)  # "This is a fundus photograph."
     for name, example in examples.items():
         answer = engine.answer(load_image(example.path).image, "What imaging modality is this?", params)
         assert any(word in answer.lower() for word in expected[name]), (name, answer)
