@@ -39,6 +39,7 @@ from dragonfly_med.ingest import (
     _safe_description,
     _size_text,
     _sniff,
+    _sop_class_name,
     _Source,
     _text,
     load_image,
@@ -316,10 +317,30 @@ def _sort(files: list[bytes]) -> _Sorted:
             found.has_dicomdir = True
             _read_dicomdir(ds, found.dicomdir)
         elif any(k in ds for k in _PIXEL_KEYWORDS):
-            found.images.append(_image(data, ds))
+            if _cut_short(ds, len(data)):
+                found.damaged += 1
+            else:
+                found.images.append(_image(data, ds))
+        elif "Image Storage" in _sop_class_name(ds):  # an image whose pixel data was cut off
+            found.damaged += 1
         else:
             found.not_images += 1
     return found
+
+
+def _cut_short(ds, size: int) -> bool:
+    """Pixel data declared longer than the bytes left in the file: a copy that did not finish.
+
+    Checked from the header (offset + declared length), so a damaged slice is refused with the
+    upload rather than failing later when the clinician slides to it."""
+    from pydicom.dataelem import RawDataElement
+
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            raw = ds.get_item(keyword)
+            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:  # encapsulated: undefined length
+                return raw.value_tell + raw.length > size
+    return False
 
 
 def _kind(data: bytes) -> str:

