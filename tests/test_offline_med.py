@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import offline_med, offline_med_sources
+from training import offline_med, offline_med_catalogue, offline_med_sources
+from training.offline_med_catalogue import invesalius_file
 from training.offline_med_questions import OPEN_VARIANTS, PHRASING
 from training.offline_med_render import (
     BLOB_FRACTION,
@@ -23,7 +24,7 @@ from training.offline_med_render import (
     draw_label,
     upsample_canvas,
 )
-from training.offline_med_sources import display_slice, invesalius_file
+from training.offline_med_sources import display_slice
 
 SPLITS = ("train", "val", "test")
 DEBIAN_INSTALLED = invesalius_file() is not None and offline_med_sources.MRICRON_TEMPLATES.exists()
@@ -127,7 +128,7 @@ def low_and_high(canvas: Image.Image) -> tuple[np.ndarray, np.ndarray]:
 
 def test_tiny_dots_vanish_in_the_low_view_and_show_in_the_high_view():
     """Draw dots on a real scan enlarged like the builder does; compare views with and without."""
-    base = offline_med_sources.fit(Image.open(offline_med_sources.package_file("skimage", "data/retina.jpg")))
+    base = offline_med_sources.fit(Image.open(offline_med_catalogue.package_file("skimage", "data/retina.jpg")))
     rng = random.Random(3)
     for side in (1344, 1680, 2016):
         canvas = upsample_canvas(base, side)
@@ -177,7 +178,7 @@ def test_display_slices_follow_the_radiological_convention():
 
 
 def test_missing_debian_packages_are_skipped_with_a_warning(tmp_path, monkeypatch):
-    original = offline_med_sources.catalogue
+    original = offline_med_catalogue.catalogue
     debian = ("invesalius:", "mricron:")
 
     def without_debian():
@@ -287,7 +288,7 @@ def test_monochrome1_radiographs_are_shown_with_bone_bright(tmp_path):
 
 
 def test_fundus_views_include_red_free_and_zoomed_renderings():
-    retina = next(s for s in offline_med_sources.catalogue() if s.id == "skimage:retina")
+    retina = next(s for s in offline_med_catalogue.catalogue() if s.id == "skimage:retina")
     scale = replace(offline_med_sources.SCALES["small"], views_2d=6)
     views = list(offline_med_sources.fundus_views(retina, random.Random(0), scale))
     grey = [v for v in views if (lambda a: np.array_equal(a[..., 0], a[..., 1]))(np.asarray(v.image))]
@@ -309,8 +310,8 @@ def frame_thumbnail(path: Path) -> np.ndarray:
 def test_no_held_out_source_reappears_under_another_file_name():
     """pydicom and pydicom-data ship re-encodings of the same pixels under other names (e.g.
     US1_UNCR.dcm is examples_rgb_color.dcm); a source in two splits would leak its answers."""
-    known_copy = offline_med_sources.pydicom_file("US1_UNCR.dcm")
-    dicoms = [s for s in offline_med_sources.catalogue() if s.path is not None and s.path.suffix == ".dcm"]
+    known_copy = offline_med_catalogue.pydicom_file("US1_UNCR.dcm")
+    dicoms = [s for s in offline_med_catalogue.catalogue() if s.path is not None and s.path.suffix == ".dcm"]
     thumbs = {s.id: (s.split, frame_thumbnail(s.path)) for s in dicoms}
     if known_copy is not None:  # the check itself must catch a real copy
         assert float(frame_thumbnail(known_copy) @ thumbs["pydicom:examples_rgb_color"][1]) > 0.99

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from training.offline_med_catalogue import catalogue, load_views
 from training.offline_med_questions import (
     Balancer,
     Sample,
@@ -41,8 +42,6 @@ from training.offline_med_sources import (
     Source,
     View,
     aal_names,
-    catalogue,
-    load_views,
 )
 
 SPLITS = ("train", "val", "test")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import plistlib
 import random
 import tarfile
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from PIL import Image
 
 from training.offline_med_render import WINDOWS, apply_window, autocontrast
 
-INVESALIUS_GLOBS = ("/usr/share/doc/invesalius-examples/examples/Cranium.inv3", "/usr/share/invesalius*/**/Cranium.inv3")
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 DISPLAY_SIDE = 384  # longest side of ordinary views; fine-detail canvases are made larger later
 
@@ -107,11 +105,21 @@ def read_dicom(path: Path) -> tuple[np.ndarray, object]:
     return pixels, ds
 
 
+def read_frames(path: Path) -> tuple[np.ndarray, object]:
+    """The frames of a cine clip, the slices of a series folder (ordered by InstanceNumber,
+    outer fifth of each end dropped: mostly air), or one image as a single frame."""
+    if not path.is_dir():
+        pixels, ds = read_dicom(path)
+        return (pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]), ds
+    slices = sorted((read_dicom(p) for p in path.glob("*.dcm")), key=lambda s: int(s[1].get("InstanceNumber", 0) or 0))
+    keep = slices[len(slices) // 5: len(slices) - len(slices) // 5] or slices
+    return np.stack([pixels for pixels, _ in keep]), keep[0][1]
+
+
 def dicom_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
-    """Views of a DICOM file: CT in each named window, other modalities auto-contrasted, cine
-    clips by frame."""
-    pixels, ds = read_dicom(source.path)
-    frames = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
+    """Views of a DICOM file or series folder: CT in each named window, other modalities
+    auto-contrasted, cine clips and series by frame."""
+    frames, _ = read_frames(source.path)
     windows = list(WINDOWS)
     for i in range(scale.views_2d):
         frame = frames[rng.randrange(len(frames))]
@@ -121,10 +129,40 @@ def dicom_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[Vi
 
 
 def photo_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
-    """Views of a photograph (histology)."""
+    """Views of a photograph (histology) or of a slice saved as PNG."""
     image = fit(Image.open(source.path).convert("RGB"), 2 * DISPLAY_SIDE)
     for _ in range(scale.views_2d):
-        yield View(source.id, jitter(image, rng), source.modality, source.body_region)
+        yield View(source.id, jitter(image, rng), source.modality, source.body_region, source.plane)
+
+
+def slide_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Fields of view of a whole-slide image (an .svs pyramid read with tifffile; JPEG tiles
+    need imagecodecs): random regions of 20-45% of the slide's shorter side, as a pathologist
+    pans over it."""
+    import tifffile
+
+    with tifffile.TiffFile(source.path) as slide:
+        pixels = slide.series[0].asarray()
+    photo = Image.fromarray(pixels).convert("RGB")
+    for _ in range(scale.views_2d):
+        side = round(min(photo.size) * rng.uniform(0.2, 0.45))
+        x0, y0 = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
+        region = fit(photo.crop((x0, y0, x0 + side, y0 + side)))
+        yield View(source.id, jitter(region, rng), source.modality, source.body_region)
+
+
+def mosaic_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Slices of a Siemens EPI mosaic (one DICOM holding every slice as a tile): the tile count
+    comes from the private NumberOfImagesInMosaic (0019,100A); slices from the middle half."""
+    pixels, ds = read_dicom(source.path)
+    count = int(ds[0x0019, 0x100A].value)
+    per_row = int(np.ceil(np.sqrt(count)))
+    rows, cols = pixels.shape[0] // per_row, pixels.shape[1] // per_row
+    tiles = [pixels[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols] for r in range(per_row) for c in range(per_row)][:count]
+    middle = tiles[count // 4: count - count // 4]
+    for _ in range(scale.views_2d):
+        tile = middle[rng.randrange(len(middle))]
+        yield View(source.id, jitter(fit(autocontrast(tile)), rng), source.modality, source.body_region, source.plane)
 
 
 def red_free(image: Image.Image) -> Image.Image:
@@ -217,6 +255,22 @@ def ct_volume_views(source: Source, rng: random.Random, scale: Scale) -> Iterato
             hu = display_slice(ras_like, plane, index)
             image = to_display(np.asarray(apply_window(hu, window)), spacing[plane])
             yield View(source.id, image, source.modality, source.body_region, plane, window)
+
+
+def radiograph_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Digitally reconstructed radiographs of the InVesalius head CT, frontal (beam front to
+    back) and lateral: attenuation summed along the beam, bone (HU above 0) weighted over soft
+    tissue as X-ray energies make it, shown bone-bright at the physical aspect."""
+    zyx, (sx, sy, sz) = read_inv3(source.path)
+    hu = zyx.astype(np.float32)
+    for i in range(scale.views_2d):
+        bone_weight = rng.uniform(2.0, 4.0)
+        attenuation = np.clip(hu + 1000, 0, 1000) / 1000 + bone_weight * np.clip(hu, 0, None) / 1000
+        lateral = i % 2 == 1
+        path = attenuation.sum(axis=2) * sx if lateral else attenuation.sum(axis=1) * sy  # (z, y) or (z, x)
+        spacing = (sz, sy) if lateral else (sz, sx)
+        image = to_display(np.asarray(autocontrast(path[::-1])), spacing)
+        yield View(source.id, jitter(image, rng), source.modality, source.body_region)
 
 
 def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -327,81 +381,3 @@ def readable_region(name: str) -> str:
     else:
         text = AAL_BASE.get(base, base.replace("_", " ").lower())
     return f"{side} {text}" if side else text
-
-
-# ---------------------------------------------------------------- catalogue
-
-
-def pydicom_file(name: str) -> Path | None:
-    """A bundled pydicom test file by base name, looked up on disk (never downloaded)."""
-    import pydicom.data
-
-    matches = [Path(p) for p in pydicom.data.get_testdata_files() if Path(p).name == name]
-    return matches[0] if matches else None
-
-
-def package_file(package: str, relative: str) -> Path | None:
-    """A data file shipped inside an installed Python package, if present."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / relative
-    return path if path.exists() else None
-
-
-def invesalius_file() -> Path | None:
-    """The Cranium.inv3 example installed by Debian's invesalius-examples, if any."""
-    for pattern in INVESALIUS_GLOBS:
-        hits = sorted(Path("/").glob(pattern.lstrip("/")))
-        if hits:
-            return hits[0]
-    return None
-
-
-def catalogue() -> list[Source]:
-    """Every source with its fixed split. Paths may be None (package not installed)."""
-    colin = MRICRON_TEMPLATES / "ch2better.nii.gz"
-    return [
-        # train
-        Source("pydicom:CT_small", "train", "CT", "chest", dicom_views, pydicom_file("CT_small.dcm"), "axial"),
-        Source("pydicom:693_J2KI", "train", "CT", "head", dicom_views, pydicom_file("693_J2KI.dcm"), "axial"),
-        Source("pydicom:MR_small", "train", "MRI", None, dicom_views, pydicom_file("MR_small.dcm"), "axial"),
-        Source("pydicom:examples_overlay", "train", "MRI", "abdomen", dicom_views, pydicom_file("examples_overlay.dcm"), "axial"),
-        Source("pydicom:examples_ybr_color", "train", "ultrasound", "chest", dicom_views, pydicom_file("examples_ybr_color.dcm")),
-        Source("pydicom-data:explicit_VR-UN", "train", "CT", "abdomen", dicom_views, pydicom_file("explicit_VR-UN.dcm"), "axial"),
-        Source("pydicom-data:bad_sequence", "train", "CT", None, dicom_views, pydicom_file("bad_sequence.dcm"), "axial"),
-        Source("pydicom-data:MR2", "train", "MRI", None, dicom_views, pydicom_file("MR2_UNCR.dcm")),
-        Source("pydicom-data:emri_small", "train", "MRI", None, dicom_views, pydicom_file("emri_small.dcm")),
-        Source("pydicom-data:US-ALOKA", "train", "ultrasound", "chest", dicom_views, pydicom_file("gdcm-US-ALOKA-16.dcm")),
-        Source("pydicom-data:JPGLossless_US", "train", "ultrasound", None, dicom_views, pydicom_file("JPGLosslessP14SV1_1s_1f_8b.dcm")),
-        Source("pydicom-data:RG1", "train", "X-ray", "chest", dicom_views, pydicom_file("RG1_UNCR.dcm")),
-        Source("skimage:retina", "train", "fundus photograph", "eye", fundus_views, package_file("skimage", "data/retina.jpg")),
-        Source("skimage:ihc", "train", "histology", "tissue", photo_views, package_file("skimage", "data/ihc.png")),
-        Source("invesalius:Cranium", "train", "CT", "head", ct_volume_views, invesalius_file()),
-        Source("mricron:colin27", "train", "MRI", "head", mri_volume_views, colin if colin.exists() else None, atlas=True),
-        # validation
-        Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),
-        Source("nibabel:mra_mip", "val", "MRI", None, dicom_views, package_file("nibabel", "nicom/tests/data/slicethickness_empty_string.dcm")),
-        Source("nibabel:anatomical", "val", "MRI", "head", mri_volume_views, package_file("nibabel", "tests/data/anatomical.nii")),
-        Source("pydicom-data:RG3", "val", "X-ray", None, dicom_views, pydicom_file("RG3_UNCR.dcm")),
-        # test
-        Source("pydicom:J2K_pixelrep_mismatch", "test", "CT", "head", dicom_views, pydicom_file("J2K_pixelrep_mismatch.dcm"), "axial"),
-        Source("pydicom:examples_rgb_color", "test", "ultrasound", None, dicom_views, pydicom_file("examples_rgb_color.dcm")),
-        Source("skimage:microaneurysms", "test", "fundus photograph", "eye", fundus_views, package_file("skimage", "data/microaneurysms.png")),
-        Source("nibabel:example4d", "test", "MRI", "head", mri_volume_views, package_file("nibabel", "tests/data/example4d.nii.gz")),
-    ]
-
-
-def load_views(source: Source, rng: random.Random, scale: Scale) -> list[View]:
-    """All views of one source, or none with a warning when it is missing or cannot be decoded."""
-    if source.path is None:
-        hint = {"invesalius": "apt-get install invesalius-examples", "mricron": "apt-get install mricron-data", "pydicom-data": "pip install pydicom-data==1.0.0"}
-        warnings.warn(f"offline-med: skipping {source.id}: not installed ({hint.get(source.id.split(':')[0], 'missing file')})", stacklevel=2)
-        return []
-    try:
-        return list(source.make_views(source, rng, scale))
-    except Exception as error:  # a corrupt or undecodable file must not stop the build
-        warnings.warn(f"offline-med: skipping {source.id}: {type(error).__name__}: {error}", stacklevel=2)
-        return []

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.offline_med_sources import SCALES, catalogue, load_views
+from training.offline_med_catalogue import catalogue, load_views
+from training.offline_med_sources import SCALES
 
 FAMILIES = ("modality", "body_region")
 LEVELS = ("low", "medium", "high")
