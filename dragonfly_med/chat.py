@@ -168,6 +168,12 @@ class Conversation:
     def token_ids(self) -> list[int]:
         return list(self._ids)
 
+    @property
+    def image_embeds(self) -> list[torch.Tensor] | None:
+        """The image's visual embeddings once a turn has encoded them (None before, or without
+        an image): what `dragonfly_med.relevance` differentiates, never recomputed here."""
+        return self._image_embeds
+
     def stream(
         self,
         question: str,
