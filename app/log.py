@@ -7,6 +7,7 @@ pixels or file names.
 
 Command line:
     python -m app.log export --db PATH [--session ID] --json
+    python -m app.log export --db PATH --session ID --html OUT   (the teaching file, app/teaching.py)
     python -m app.log prune --db PATH --older-than-days N
 """
 
@@ -23,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, create_engine, event, select
+from sqlalchemy import JSON, DateTime, ForeignKey, String, create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -34,9 +35,7 @@ from sqlalchemy.orm import (
     selectinload,
 )
 
-SCHEMA_VERSION = 1
-# from_version -> function that upgrades an open connection to from_version + 1
-MIGRATIONS: dict[int, Callable[[Session], None]] = {}
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -96,6 +95,10 @@ class TurnRow(Base):
     new_tokens: Mapped[int] = mapped_column(default=0)
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None]
+    # where the model looked (dragonfly_med/relevance.py): crop objects with shares, written
+    # after the answer (None until then, and for text-only or failed turns)
+    crop_shares: Mapped[list | None] = mapped_column(JSON)
+    relevance_method: Mapped[str | None] = mapped_column(String(64))
     feedback: Mapped[list[FeedbackRow]] = relationship(cascade="all, delete-orphan", order_by="FeedbackRow.id")
 
 
@@ -105,6 +108,16 @@ class FeedbackRow(Base):
     turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     liked: Mapped[bool]
+
+
+def _add_crop_shares(db: Session) -> None:
+    """1 -> 2: turns gain where the model looked; older turns keep none."""
+    db.execute(text("ALTER TABLE turns ADD COLUMN crop_shares JSON"))
+    db.execute(text("ALTER TABLE turns ADD COLUMN relevance_method VARCHAR(64)"))
+
+
+# from_version -> function that upgrades an open connection to from_version + 1
+MIGRATIONS: dict[int, Callable[[Session], None]] = {1: _add_crop_shares}
 
 
 @dataclass
@@ -217,6 +230,16 @@ class SessionLog:
 
         return self._write(_add)
 
+    def set_crop_shares(self, turn_id: int, method: str, crops: list[dict]) -> None:
+        """Store where the model looked for a logged turn (computed after it was logged)."""
+
+        def _set(db: Session) -> None:
+            row = db.get(TurnRow, turn_id)
+            if row is not None:
+                row.crop_shares, row.relevance_method = crops, method
+
+        self._write(_set)
+
     def add_feedback(self, turn_id: int, liked: bool) -> None:
         self._write(lambda db: db.add(FeedbackRow(turn_id=turn_id, liked=liked)))
 
@@ -279,7 +302,9 @@ def _session_dict(row: SessionRow) -> dict:
     data = _columns(row)
     data["images"] = [_columns(image) for image in row.images]
     data["turns"] = [
-        {**_columns(turn), "feedback": [_columns(fb, skip=("turn_id",)) for fb in turn.feedback]} for turn in row.turns
+        {**_columns(turn), "crop_shares": turn.crop_shares or [],
+         "feedback": [_columns(fb, skip=("turn_id",)) for fb in turn.feedback]}
+        for turn in row.turns
     ]
     return data
 
@@ -291,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--db", required=True)
     export.add_argument("--session", help="one session id (default: all)")
     export.add_argument("--json", action="store_true", help="print JSON (default: one line per session)")
+    export.add_argument("--html", metavar="OUT", help="write the session's teaching file (needs --session)")
+    export.add_argument("--identify", action="store_true", help="with --html: name the user and the session id")
     prune = sub.add_parser("prune", help="delete sessions older than N days")
     prune.add_argument("--db", required=True)
     prune.add_argument("--older-than-days", type=float, required=True)
@@ -307,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.session and not data["sessions"]:
             print(f"error: no session {args.session}", file=sys.stderr)
             return 1
+        if args.html:
+            return write_teaching_file(data, args)
         if args.json:
             print(json.dumps(data, indent=2))
         else:
@@ -315,6 +344,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         log.close()
+
+
+def write_teaching_file(data: dict, args: argparse.Namespace) -> int:
+    """`--html OUT`: the session's teaching file, a diagram in place of the (never stored) image."""
+    from app.teaching import teaching_html  # Pillow and the page's drawing: only for this command
+
+    if not args.session:
+        print("error: --html needs --session ID (one teaching file per session)", file=sys.stderr)
+        return 2
+    Path(args.html).write_text(teaching_html(data["sessions"][0], identify=args.identify), encoding="utf-8")
+    print(f"wrote {args.html}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -126,3 +126,49 @@ def test_export_cli_prints_json(log: SessionLog) -> None:
 def test_export_unknown_session_fails_cleanly(log: SessionLog, capsys) -> None:
     assert main(["export", "--db", str(log.path), "--session", "nope", "--json"]) == 1
     assert "no session nope" in capsys.readouterr().err
+
+
+CROPS = [
+    {"level": "low", "col": 0, "row": 0, "box": [0.0, 0.0, 128.0, 128.0], "share": 0.5},
+    {"level": "medium", "col": 0, "row": 0, "box": [0.0, 0.0, 64.0, 64.0], "share": 0.5},
+]
+
+
+def test_crop_shares_are_stored_with_the_turn_and_exported(log: SessionLog) -> None:
+    sid = log.start_session("tiny", {})
+    image_id = log.add_image(sid, ImageRecord("ab" * 32, {"modality": "CT"}, PLAN))
+    explained, pending = log.add_turn(sid, image_id, _turn()), log.add_turn(sid, image_id, _turn("again?"))
+    text_only = log.add_turn(sid, None, _turn("text only?"))
+    log.set_crop_shares(explained, "gradient x input", CROPS)
+    turns = {t["id"]: t for t in log.export(sid)["sessions"][0]["turns"]}
+    assert turns[explained]["crop_shares"] == CROPS and turns[explained]["relevance_method"] == "gradient x input"
+    assert turns[pending]["crop_shares"] == [] and turns[text_only]["crop_shares"] == []
+
+
+def test_version_1_log_gains_crop_shares_and_keeps_its_turns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    log = SessionLog(path)
+    sid = log.start_session("tiny", {})
+    log.add_turn(sid, None, _turn("from version 1"))
+    log.close()
+    con = sqlite3.connect(path)  # back to the version-1 schema: no relevance columns
+    con.execute("ALTER TABLE turns DROP COLUMN crop_shares")
+    con.execute("ALTER TABLE turns DROP COLUMN relevance_method")
+    con.execute("UPDATE schema_version SET version = 1")
+    con.commit()
+    con.close()
+    log = SessionLog(path)
+    try:
+        turn = log.export(sid)["sessions"][0]["turns"][0]
+        assert turn["question"] == "from version 1" and turn["crop_shares"] == []
+        log.set_crop_shares(turn["id"], "gradient x input", CROPS)
+        assert log.export(sid)["sessions"][0]["turns"][0]["crop_shares"] == CROPS
+    finally:
+        log.close()
+    versions = sqlite3.connect(path).execute("SELECT version FROM schema_version ORDER BY version").fetchall()
+    assert versions == [(1,), (SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
+
+
+def test_html_export_needs_a_session(log: SessionLog, tmp_path: Path, capsys) -> None:
+    assert main(["export", "--db", str(log.path), "--html", str(tmp_path / "out.html")]) == 2
+    assert "--html needs --session" in capsys.readouterr().err and not (tmp_path / "out.html").exists()
