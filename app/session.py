@@ -7,6 +7,10 @@ Gradio: the UI and the API endpoints are thin wrappers, and these rules hold for
 PHI rules kept here: the uploaded file is read into memory and its copy in Gradio's cache is
 deleted at once (window and frame changes re-decode from memory); file names are never stored;
 only de-identified facts and a pixel fingerprint reach the log.
+
+Where the model looked: when an answer about an image has streamed, an `Explainer` computes its
+crop shares in the background (dragonfly_med/relevance.py) and stores them with the logged
+turn; the page, `/explain` and the teaching file wait for it, the answer never does.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from PIL import Image
 
 from app.log import ImageRecord, SessionLog, TurnRecord, utcnow
 from app.overlay import draw_grids
+from app.teaching import pixel_identifier_warning, teaching_html
 from dragonfly_med.chat import SamplingParams
 from dragonfly_med.geometry import CropPlan
 from dragonfly_med.ingest import (
@@ -32,9 +37,11 @@ from dragonfly_med.ingest import (
     _size_text,
     load_image,
 )
+from dragonfly_med.relevance import METHOD, Explainer, Relevance, TurnSnapshot, snapshot
 from dragonfly_med.series import SeriesSet, load_slice, open_upload
 
 NO_IMAGE_HINT = "Text-only conversation: load an image to ask about it."
+EXPLAIN_TIMEOUT_S = 120  # a relevance pass waits for the engine behind other users' answers
 
 
 @dataclass
@@ -70,6 +77,7 @@ class ImageView:
     plan: CropPlan
     crops: list[Image.Image]
     overlay: Image.Image
+    pixel_warning: str | None = None  # why the pixels may show identifiers (teaching export asks first)
 
     def to_dict(self) -> dict:
         """The `/load_image` answer: de-identified facts and the crop plan."""
@@ -147,6 +155,7 @@ class UserSession:
         self.log_id: str | None = None
         self.image_id: int | None = None
         self.last_question: str | None = None
+        self.explainers: dict[int, Explainer] = {}  # logged turn id -> its relevance computation
 
     # ------------------------------------------------------------------ image
 
@@ -214,13 +223,20 @@ class UserSession:
 
     def _show(self, loaded: LoadedImage) -> ImageView:
         plan, crops = self.services.engine.preview(loaded.image)
-        self.view = ImageView(loaded, plan, list(crops), draw_grids(loaded.image, plan))
+        warning = pixel_identifier_warning(self._shown_bytes())
+        self.view = ImageView(loaded, plan, list(crops), draw_grids(loaded.image, plan), warning)
         self.image_id = self.services.log.add_image(self._log_session(), ImageRecord(
             fingerprint=fingerprint(loaded.image), facts=loaded.facts.to_dict(), plan=plan.to_dict(),
             window=loaded.facts.window, frame=loaded.facts.frame_index,
         ))
         self.clear()
         return self.view
+
+    def _shown_bytes(self) -> bytes | None:
+        """The file of the image on screen: the single upload, or the series' current slice."""
+        if self.upload is not None:
+            return self.upload.series[self.series_index].slices[self.slice_index]
+        return self.source
 
     # ------------------------------------------------------------------ chat
 
@@ -302,7 +318,7 @@ class UserSession:
                 stop.set()
             self._running.add(stop)
         image_id, turn_ids = self.image_id, self.turn_ids
-        started, answer, stats, error, stream = utcnow(), "", None, None, None
+        started, answer, stats, error, stream, explained = utcnow(), "", None, None, None, None
         try:
             if not stop.is_set():
                 stream = start(stop)
@@ -311,6 +327,8 @@ class UserSession:
                 stats = conversation.last_stats
                 if stats.status == "error":
                     yield error_message(stats.error)
+                else:  # the stream ran to its end: the conversation's last turn is this one
+                    explained = snapshot(conversation)
         except Exception as exc:  # a generation error is shown in the chat; the session goes on
             error = f"{type(exc).__name__}: {exc}"
             yield error_message(error)
@@ -321,7 +339,29 @@ class UserSession:
             with self._tickets:
                 self._running.discard(stop)
             record = turn_record(question, answer, params, started, stats, error)
-            turn_ids.append(self.services.log.add_turn(self._log_session(), image_id, record))
+            turn_id = self.services.log.add_turn(self._log_session(), image_id, record)
+            turn_ids.append(turn_id)
+            if explained is not None:
+                self._explain(turn_id, explained)
+
+    def _explain(self, turn_id: int, turn: TurnSnapshot) -> None:
+        """Start the answer's relevance pass; its shares join the logged turn when computed."""
+        log = self.services.log
+        self.explainers[turn_id] = Explainer(
+            self.services.engine, turn, on_done=lambda r: log.set_crop_shares(turn_id, r.method, r.to_dict()["crops"]))
+
+    def last_relevance(self, timeout: float = EXPLAIN_TIMEOUT_S) -> Relevance | None:
+        """Where the model looked for the conversation's last answer, once computed (raises
+        LookupError when there is no answer yet; None for a text-only or failed answer)."""
+        if not self.turn_ids:
+            raise LookupError("no answer yet")
+        explainer = self.explainers.get(self.turn_ids[-1])
+        return explainer.result(timeout) if explainer is not None else None
+
+    def explain(self) -> dict:
+        """`/explain`: the method and the crop shares of the last answer (no crops: text-only)."""
+        relevance = self.last_relevance()
+        return relevance.to_dict() if relevance is not None else {"method": METHOD, "crops": []}
 
     def feedback(self, answer_index: int, liked: bool) -> bool:
         """Thumbs up/down on the answer_index-th answer of the conversation; False if unknown."""
@@ -329,6 +369,24 @@ class UserSession:
             return False
         self.services.log.add_feedback(self.turn_ids[answer_index], liked)
         return True
+
+    # ------------------------------------------------------------------ teaching file
+
+    def teaching_file(self, include_image: bool, identify: bool = False) -> str:
+        """The session's teaching file (app/teaching.py): the log's record of it, with the pixels
+        of the image on screen unless they may show identifiers and the user did not confirm."""
+        if self.log_id is None:
+            raise LookupError("nothing to export yet: load an image or ask a question first")
+        for explainer in list(self.explainers.values()):  # answers just given: their shares too
+            explainer.result(EXPLAIN_TIMEOUT_S)
+        session = self.services.log.export(self.log_id)["sessions"][0]
+        view, pictures, left_out = self.view, {}, None
+        if view is not None and self.image_id is not None:
+            if view.pixel_warning and not include_image:
+                left_out = view.pixel_warning
+            else:
+                pictures[self.image_id] = view.loaded.image
+        return teaching_html(session, pictures, identify=identify, left_out=left_out)
 
     # ------------------------------------------------------------------ log
 

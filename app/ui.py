@@ -3,8 +3,12 @@
 Handlers are thin: they find the page's `UserSession` (kept in a `gr.State`), call it and turn
 the result into component updates. Every event that runs the model shares one concurrency
 group ("model") so the single shared engine serves a bounded number of generations at once.
-The API endpoints `/load_image` and `/send` use the same state as the page's own events, so an
-API client gets a session exactly like a browser tab.
+The API endpoints `/load_image`, `/select_slice`, `/send`, `/explain` and
+`/export_teaching_file` use the same state as the page's own events, so an API client gets a
+session exactly like a browser tab.
+
+Where the model looked is drawn after each answer, in an event of its own chained to the answer
+(it waits for the background relevance pass; the answer never does).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from app.examples import Example, find_examples, thumbnail
-from app.overlay import LEGEND, display_copy
+from app.overlay import HEAT_LEGEND, LEGEND, display_copy, draw_heat, framed, top_crops
 from app.session import NO_IMAGE_HINT, ImageView, Services, UserSession, read_upload, read_uploads
+from app.teaching import DISCLAIMER_TEXT, DISCLAIMER_TITLE
 from dragonfly_med.chat import SamplingParams
 from dragonfly_med.ingest import WINDOW_PRESETS, IngestError, load_image
 
-NOTICE = "⚠️ **Research demo, not for diagnostic use.** Answers may be wrong; do not use them for patient care."
+NOTICE = f"⚠️ **{DISCLAIMER_TITLE}** {DISCLAIMER_TEXT}"
 MODEL_GROUP = "model"
 FILE_DEFAULT, MINMAX, CUSTOM = "file", "minmax", "custom"
 FACT_LABELS = {
@@ -35,8 +40,9 @@ FACT_LABELS = {
 # ---------------------------------------------------------------------- text for the page
 
 
-def sees_markdown(view: ImageView) -> str:
-    """Grids, zoom ratio and token budget: how the model will cut and count this image."""
+def sees_markdown(view: ImageView, heat: bool = False) -> str:
+    """Grids, zoom ratio and token budget: how the model will cut and count this image; with heat,
+    how to read the relevance overlay too."""
     plan, b = view.plan, view.plan.budget
     (mc, mr), (hc, hr) = plan.medium_grid, plan.high_grid
     return "\n\n".join([
@@ -44,8 +50,18 @@ def sees_markdown(view: ImageView) -> str:
         f"**Zoom:** high-resolution view: {plan.zoom:.1f}x native",
         f"**Tokens:** low {b.low} · medium {b.medium} · high {b.high} · separators {b.separators} · "
         f"total {b.image_positions}",
-        f"<small>{LEGEND}</small>",
+        f"<small>{LEGEND}</small>" + (f"<br><small>{HEAT_LEGEND}; top crops framed red in the gallery</small>" if heat else ""),
     ])
+
+
+def crop_gallery(view: ImageView, crops: list[dict] | None = None) -> list[tuple]:
+    """The crops in model order, captioned; with shares, each share shown and the top crops framed."""
+    top = set(top_crops(crops)) if crops else set()
+    items = []
+    for i, (image, crop) in enumerate(zip(view.crops, view.plan.crops, strict=True)):
+        caption = f"{i} {crop.level}" + (f" · {crops[i]['share']:.0%}" if crops else "")
+        items.append((framed(image) if i in top else image, ("★ " if i in top else "") + caption))
+    return items
 
 
 def facts_markdown(view: ImageView) -> str:
@@ -100,6 +116,14 @@ def window_choices(view: ImageView) -> list[tuple[str, str]]:
     return choices + [("Min–max", MINMAX), ("Custom centre/width", CUSTOM)]
 
 
+def export_warning(view: ImageView) -> str:
+    """Said before a teaching-file export when the pixels may show identifiers."""
+    if not view.pixel_warning:
+        return ""
+    return (f"⚠️ **The image may show identifiers:** {view.pixel_warning}. The teaching file leaves the image out "
+            "(a diagram stands in) unless you tick the box below after checking it.")
+
+
 def is_greyscale_dicom(view: ImageView) -> bool:
     facts = view.loaded.facts
     return facts.kind == "dicom" and str(facts.photometric or "").upper().startswith("MONOCHROME")
@@ -144,7 +168,9 @@ class Page:
             self.frame: gr.update(minimum=1, maximum=max(facts.frames, 2), value=facts.frame_index + 1,
                                   label=f"Frame {facts.frame_index + 1} / {facts.frames}", visible=facts.frames > 1),
             self.overlay: view.overlay, self.sees: sees_markdown(view),
-            self.crops: [(crop, f"{i} {c.level}") for i, (crop, c) in enumerate(zip(view.crops, view.plan.crops, strict=True))],
+            self.crops: crop_gallery(view),
+            self.export_warning: gr.update(value=export_warning(view), visible=bool(view.pixel_warning)),
+            self.export_confirm: gr.update(value=False, visible=bool(view.pixel_warning)),
             self.chatbot: [], self.suggestions: gr.update(choices=[], value=None, visible=False), self.state: session,
             **self.series_updates(session),
         }
@@ -318,6 +344,37 @@ class Page:
         ordinal = sum(1 for m in history[: data.index] if m["role"] == "assistant")
         state.feedback(ordinal, data.liked)
 
+    def on_explained(self, show: bool, state: UserSession | None, request: gr.Request) -> dict:
+        """After an answer (or the toggle): the grid picture and the gallery, with where the
+        model looked for the last answer when shown; waits for the background relevance pass."""
+        session = self.session(state, request)
+        view = session.view
+        if view is None:
+            return {self.state: session}
+        relevance = None
+        if show and session.turn_ids:
+            relevance = session.last_relevance()
+        if relevance is None:
+            return {self.overlay: view.overlay, self.crops: crop_gallery(view), self.sees: sees_markdown(view),
+                    self.state: session}
+        crops = relevance.to_dict()["crops"]
+        return {self.overlay: draw_heat(view.loaded.image, crops), self.crops: crop_gallery(view, crops),
+                self.sees: sees_markdown(view, heat=True), self.state: session}
+
+    def on_export(self, include_image: bool, identify: bool, state: UserSession | None,
+                  request: gr.Request) -> tuple[str, UserSession]:
+        """`/export_teaching_file` (include_image, identify) and the page's button: the session as
+        one HTML file to download (app/teaching.py)."""
+        session = self.session(state, request)
+        try:
+            text = session.teaching_file(bool(include_image), bool(identify))
+        except LookupError as exc:
+            raise gr.Error(f"Nothing to export: {exc}.", print_exception=False) from None
+        # one folder per export: every download is named teaching-file.html, users never share one
+        path = Path(tempfile.mkdtemp(dir=self.exports.name)) / "teaching-file.html"
+        path.write_text(text, encoding="utf-8")
+        return str(path), session
+
     def on_unload(self, request: gr.Request) -> None:
         self.services.close_session(request.session_hash)
 
@@ -348,6 +405,15 @@ class Page:
         except IngestError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         return session.view.to_dict(), session
+
+    def api_explain(self, state: UserSession | None, request: gr.Request) -> tuple[dict, UserSession]:
+        """`/explain`: `{"method", "crops": [{"level", "col", "row", "box", "share"}]}` for the
+        session's last answer (no crops for a text-only answer); waits for it to be computed."""
+        session = self.session(state, request)
+        try:
+            return session.explain(), session
+        except LookupError:
+            raise gr.Error("No answer to explain yet: ask a question with /send first.", print_exception=False) from None
 
     def api_send(self, message: str, temperature: float, top_p: float, max_new_tokens: int,
                  state: UserSession | None, request: gr.Request):
@@ -435,6 +501,7 @@ class Page:
     def _model_sees_column(self) -> None:
         with gr.Column(scale=1):
             self.overlay = gr.Image(label="What the model sees", type="pil", format="png", interactive=False, elem_id="overlay")
+            self.show_heat = gr.Checkbox(value=True, label="Show where the model looked (last answer)", elem_id="show-heat")
             self.sees = gr.Markdown(elem_id="model-sees")
             self.crops = gr.Gallery(label="Crops in model order", columns=6, height=260, format="png", elem_id="crops")
 
@@ -448,6 +515,14 @@ class Page:
                 self.stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 self.regen = gr.Button("Regenerate", elem_id="regenerate")
                 self.clear = gr.Button("Clear", elem_id="clear")
+            with gr.Group():
+                self.export_warning = gr.Markdown(visible=False, elem_id="export-warning")
+                self.export_confirm = gr.Checkbox(value=False, visible=False, elem_id="export-confirm",
+                                                  label="Include the image anyway: I checked it shows no identifiers")
+                self.export_identify = gr.Checkbox(value=False, label="Name me and the session in the file",
+                                                   elem_id="export-identify")
+                self.export_teaching = gr.Button("Export teaching file", size="sm", elem_id="export-teaching")
+                self.teaching_file = gr.File(label="Teaching file (HTML)", interactive=False, elem_id="teaching-file")
             with gr.Accordion("Sampling settings", open=False):
                 self.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 self.top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
@@ -464,7 +539,7 @@ class Page:
         self.history_tab = tab
 
     def _api_endpoints(self) -> None:
-        """Hidden components behind `/load_image`, `/select_slice` and `/send` (API clients only)."""
+        """Hidden components behind `/load_image`, `/select_slice`, `/send` and `/explain` (API clients only)."""
         with gr.Row(visible=False):
             self.api_file = gr.File(type="filepath")
             self.api_info = gr.JSON()
@@ -474,12 +549,14 @@ class Page:
             self.api_ask = gr.Button()
             self.api_index = gr.Number(precision=0)
             self.api_select = gr.Button()
+            self.api_relevance = gr.JSON()
+            self.api_explain_button = gr.Button()
 
     def _wire(self) -> None:
         hidden = {"api_visibility": "undocumented"}
         view_outputs = [self.upload_msg, self.upload, self.image, self.facts, self.window, self.centre, self.width,
                         self.apply, self.frame, self.overlay, self.sees, self.crops, self.chatbot, self.suggestions, self.state,
-                        self.series_pick, self.slice]
+                        self.series_pick, self.slice, self.export_warning, self.export_confirm]
         self.upload.upload(self.on_upload, [self.upload, self.state], view_outputs, **hidden)
         self.folder.upload(self.on_upload, [self.folder, self.state], view_outputs, **hidden)
         self.series_pick.input(self.on_series, [self.series_pick, self.state], view_outputs, **hidden)
@@ -497,11 +574,16 @@ class Page:
         # group. Stop only sets the session's stop flags: the generator then ends by itself.
         quick = {"queue": False, "show_progress": "hidden", **hidden}
         chat_in, chat_out = [self.ticket, self.chatbot, *sampling, self.state], [self.chatbot, self.state]
+        # where the model looked: drawn once the answer is in, never before it
+        explained = (self.on_explained, [self.show_heat, self.state], [self.overlay, self.crops, self.sees, self.state])
         for trigger in (self.send.click, self.message.submit):
             trigger(self.on_send, [self.message, self.state], [self.ticket, self.message, self.state], **quick
-                    ).then(self.respond, chat_in, chat_out, **model)
+                    ).then(self.respond, chat_in, chat_out, **model).then(*explained, **hidden)
         self.regen.click(self.on_regenerate, [self.state], [self.ticket, self.state], **quick
-                         ).then(self.regenerate, chat_in, chat_out, **model)
+                         ).then(self.regenerate, chat_in, chat_out, **model).then(*explained, **hidden)
+        self.show_heat.input(*explained, **hidden)
+        self.export_teaching.click(self.on_export, [self.export_confirm, self.export_identify, self.state],
+                                   [self.teaching_file, self.state], api_name="export_teaching_file")
         self.stop.click(self.on_stop, [self.state], None, **quick)
         self.clear.click(self.on_clear, [self.state], [self.chatbot, self.state], **hidden)
         self.chatbot.like(self.on_like, [self.chatbot, self.state], None, **hidden)
@@ -513,6 +595,7 @@ class Page:
         self.api_load.click(self.api_load_image, [self.api_file, self.state], [self.api_info, self.state], api_name="load_image")
         self.api_select.click(self.api_select_slice, [self.api_index, self.state], [self.api_info, self.state],
                               api_name="select_slice")
+        self.api_explain_button.click(self.api_explain, [self.state], [self.api_relevance, self.state], api_name="explain")
         self.api_ask.click(self.api_send, [self.api_message, *sampling, self.state], [self.api_answer, self.state],
                            api_name="send", concurrency_id=MODEL_GROUP, concurrency_limit=self.concurrency)
 
