@@ -1,5 +1,6 @@
 """The teaching file: from the log (`python -m app.log export --html`) and from the page's
-endpoint `/export_teaching_file` on a real server, the pixel-identifier warning, and `/explain`."""
+endpoint `/export_teaching_file` on a real server; the pixel-identifier warning; `/explain`; and the
+page's relevance overlay (in-process, the real tiny model)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gradio as gr
 import pydicom
 import pytest
 from app_server import ROOT, Server, start_server
@@ -19,9 +21,13 @@ from pydicom.data import get_testdata_files
 
 from app.log import ImageRecord, SessionLog, TurnRecord, utcnow
 from app.overlay import display_size
+from app.session import Services
 from app.teaching import DISCLAIMER, pixel_identifier_warning
+from app.ui import Page
+from dragonfly_med.chat import ChatEngine
 from dragonfly_med.configuration_dragonfly import named_geometry
 from dragonfly_med.geometry import plan_crops
+from dragonfly_med.ingest import IngestLimits
 
 FACTS = {"kind": "dicom", "format": "DICOM", "rows": 128, "columns": 256, "modality": "CT", "body_part": "CHEST"}
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -146,3 +152,30 @@ def test_text_only_answer_has_no_crops(server: Server) -> None:
     c = Client(server.url, verbose=False)
     ask(c, "What is a CT scan?")
     assert c.predict(api_name="/explain") == {"method": "gradient x input", "crops": []}
+
+
+# ---------------------------------------------------------------------- the page, in-process
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_page_draws_where_the_model_looked_after_the_answer(tmp_path: Path) -> None:
+    log = SessionLog(tmp_path / "log.sqlite")
+    services = Services(ChatEngine.load("tiny"), log, IngestLimits(), {"model": "tiny"})
+    page, request = Page(services, max_upload_mb=10, concurrency=1), gr.Request(session_hash="page-heat")
+    page.build()
+    session = services.session_for("page-heat", None)
+    session.load(Path(get_testdata_files("CT_small.dcm")[0]).read_bytes())
+    plain = page.on_explained(True, session, request)  # no answer yet: the plain grid picture
+    assert plain[page.overlay] is session.view.overlay
+    ticket = page.on_send("Which organ is shown?", session, request)[0]
+    list(page.respond(ticket, [], 0.0, 1.0, 8, session, request))
+    shown = page.on_explained(True, session, request)
+    assert shown[page.overlay].size == session.view.overlay.size and shown[page.overlay] is not session.view.overlay
+    captions = [caption for _, caption in shown[page.crops]]
+    assert sum(c.startswith("★ ") for c in captions) == 3 and all("%" in c for c in captions)
+    assert "where the model looked" in shown[page.sees]
+    hidden = page.on_explained(False, session, request)  # the toggle
+    assert hidden[page.overlay] is session.view.overlay and not any("%" in c for _, c in hidden[page.crops])
+    (shares,) = [t["crop_shares"] for t in log.export(session.log_id)["sessions"][0]["turns"]]
+    assert len(shares) == session.view.plan.num_crops  # stored with the turn
+    log.close()
