@@ -8,6 +8,7 @@ mid-answer need answers long enough to interrupt, which a retrained `tiny` may n
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import subprocess
@@ -86,11 +87,29 @@ def test_dicom_two_turns_streamed_and_logged(server: Server, workdir: Path) -> N
     assert '"modality": "CT"' in facts and zoom == pytest.approx(info["plan"]["zoom"])
 
 
+def test_explain_gives_the_last_answers_crop_shares_and_the_log_keeps_them(server: Server, workdir: Path) -> None:
+    c = client(server)
+    info = c.predict(handle_file(get_testdata_files("CT_small.dcm")[0]), api_name="/load_image")
+    stream(c, "Where is the brightest part of this image?")
+    explained = c.predict(api_name="/explain")
+    assert explained["method"] == "gradient x input" and len(explained["crops"]) == info["plan"]["num_crops"]
+    assert [c["box"] for c in explained["crops"]] == [c["box"] for c in info["plan"]["crops"]]
+    assert sum(c["share"] for c in explained["crops"]) == pytest.approx(1.0, abs=1e-4)
+    db = workdir / "log.sqlite"
+    (session_id,), = db_rows(db, "SELECT session_id FROM turns WHERE question = ?", "Where is the brightest part of this image?")
+    out = subprocess.run([sys.executable, "-m", "app.log", "export", "--db", str(db), "--session", session_id, "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    (turn,) = json.loads(out)["sessions"][0]["turns"]
+    assert turn["crop_shares"] == explained["crops"]
+
+
 def test_text_only_turn(server: Server, workdir: Path) -> None:
-    answer = stream(client(server), "What is a CT scan? Answer in one sentence.")[-1]
+    c = client(server)
+    answer = stream(c, "What is a CT scan? Answer in one sentence.")[-1]
     assert answer.strip()
-    rows = db_rows(workdir / "log.sqlite", "SELECT image_id, status FROM turns WHERE answer = ?", answer)
-    assert rows and rows[-1] == (None, "ok")
+    rows = db_rows(workdir / "log.sqlite", "SELECT image_id, status, crop_shares FROM turns WHERE answer = ?", answer)
+    assert rows and rows[-1] == (None, "ok", None)
+    assert c.predict(api_name="/explain") == {"method": "gradient x input", "crops": []}
 
 
 def test_refused_file_gives_the_ingestion_message(server: Server, workdir: Path) -> None:
@@ -141,6 +160,8 @@ def test_phi_never_leaves_the_dicom(server: Server, workdir: Path) -> None:
     assert info["facts"]["modality"] == "CT"
     answer = stream(c, "Describe this image.")[-1]
     assert phi_leaks(str(info)) == [] and phi_leaks(answer) == []
+    teaching = Path(c.predict(True, False, api_name="/export_teaching_file")).read_bytes()
+    assert phi_leaks(teaching) == [] and USER.encode() not in teaching  # the user is named only when asked
     db = workdir / "log.sqlite"
     for path in db.parent.glob(db.name + "*"):  # the database, its WAL and shared-memory files
         assert phi_leaks(path.read_bytes()) == [], path
