@@ -574,16 +574,18 @@ class Page:
         # group. Stop only sets the session's stop flags: the generator then ends by itself.
         quick = {"queue": False, "show_progress": "hidden", **hidden}
         chat_in, chat_out = [self.ticket, self.chatbot, *sampling, self.state], [self.chatbot, self.state]
-        # where the model looked: drawn once the answer is in, never before it
+        # where the model looked: drawn once the answer is in, never before it. These events only
+        # wait for the background pass (which queues for the engine itself): no limit of their own
         explained = (self.on_explained, [self.show_heat, self.state], [self.overlay, self.crops, self.sees, self.state])
+        waiting = {"concurrency_limit": None, **hidden}
         for trigger in (self.send.click, self.message.submit):
             trigger(self.on_send, [self.message, self.state], [self.ticket, self.message, self.state], **quick
-                    ).then(self.respond, chat_in, chat_out, **model).then(*explained, **hidden)
+                    ).then(self.respond, chat_in, chat_out, **model).then(*explained, **waiting)
         self.regen.click(self.on_regenerate, [self.state], [self.ticket, self.state], **quick
-                         ).then(self.regenerate, chat_in, chat_out, **model).then(*explained, **hidden)
-        self.show_heat.input(*explained, **hidden)
+                         ).then(self.regenerate, chat_in, chat_out, **model).then(*explained, **waiting)
+        self.show_heat.input(*explained, **waiting)
         self.export_teaching.click(self.on_export, [self.export_confirm, self.export_identify, self.state],
-                                   [self.teaching_file, self.state], api_name="export_teaching_file")
+                                   [self.teaching_file, self.state], api_name="export_teaching_file", concurrency_limit=None)
         self.stop.click(self.on_stop, [self.state], None, **quick)
         self.clear.click(self.on_clear, [self.state], [self.chatbot, self.state], **hidden)
         self.chatbot.like(self.on_like, [self.chatbot, self.state], None, **hidden)
@@ -595,7 +597,8 @@ class Page:
         self.api_load.click(self.api_load_image, [self.api_file, self.state], [self.api_info, self.state], api_name="load_image")
         self.api_select.click(self.api_select_slice, [self.api_index, self.state], [self.api_info, self.state],
                               api_name="select_slice")
-        self.api_explain_button.click(self.api_explain, [self.state], [self.api_relevance, self.state], api_name="explain")
+        self.api_explain_button.click(self.api_explain, [self.state], [self.api_relevance, self.state], api_name="explain",
+                                      concurrency_limit=None)
         self.api_ask.click(self.api_send, [self.api_message, *sampling, self.state], [self.api_answer, self.state],
                            api_name="send", concurrency_id=MODEL_GROUP, concurrency_limit=self.concurrency)
 
