@@ -20,8 +20,10 @@ from training.offline_med_questions import OPEN_VARIANTS, PHRASING
 from training.offline_med_render import (
     BLOB_FRACTION,
     LABEL_FRACTION,
+    TEXTURES,
     draw_blob,
     draw_label,
+    draw_textured_lesion,
     upsample_canvas,
 )
 from training.offline_med_sources import display_slice
@@ -148,9 +150,25 @@ def test_labels_are_a_smudge_in_the_low_view_and_legible_size_in_the_high_view()
     assert (y1 - y0) * 1344 / 1600 >= 8  # box ~ glyph + padding: glyphs of ~7-8 high-view px
 
 
+def test_a_speckled_lesion_averages_to_a_uniform_one_in_the_low_view():
+    """The texture is the only difference, and the low view's resampling removes it: its cells
+    (2 px) are far below a low-view pixel (~7 canvas px), while the high view keeps them."""
+    canvas = upsample_canvas(Image.new("L", (300, 300), 90), 1600)
+    speckled, drawn = draw_textured_lesion(canvas, "speckled", random.Random(2))
+    uniform, _ = draw_textured_lesion(canvas, "uniform", random.Random(2))
+    (low_s, high_s), (low_u, high_u) = low_and_high(speckled), low_and_high(uniform)
+    x0, y0, x1, y1 = drawn.box
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, 0.3 * (x1 - x0)  # well inside the disk
+    low_box, high_box = ([round(v * scale) for v in (cx - half, cy - half, cx + half, cy + half)] for scale in (224 / 1600, 1344 / 1600))
+    inner = lambda a, b: a[b[1]:b[3], b[0]:b[2]]  # noqa: E731
+    assert inner(low_s, low_box).std() < 0.25 * inner(high_s, high_box).std()
+    assert inner(high_s, high_box).std() > 20 and inner(high_u, high_box).std() < 3
+    assert abs(inner(low_s, low_box).mean() - inner(low_u, low_box).mean()) < 12
+
+
 def test_built_fine_details_are_sized_to_vanish(built, records):
     details = [r for split in SPLITS for r in records[split] if r["family"] == "fine_detail"]
-    assert {r["detail"]["kind"] for r in details} == {"dot", "label"}
+    assert {r["detail"]["kind"] for r in details} == {"dot", "label", "texture"}
     for record in details:
         side = Image.open(built / record["image"]).width
         assert side >= 1344
@@ -159,6 +177,9 @@ def test_built_fine_details_are_sized_to_vanish(built, records):
         x0, y0, x1, y1 = record["detail"]["box"]
         if record["detail"]["kind"] == "dot":
             assert (x1 - x0) * 224 / side < 1.0 <= (x1 - x0) * 1344 / side / 3
+        elif record["detail"]["kind"] == "texture":
+            assert record["truth"] == record["detail"]["texture"] and set(record["options"]) == set(TEXTURES)
+            assert (x1 - x0) * 1344 / side >= 40  # the lesion fills a good part of a high crop
         else:
             assert record["truth"] == record["detail"]["text"]
     assert BLOB_FRACTION[1] * 224 < 1 and LABEL_FRACTION[0] * 1344 >= 7

@@ -37,6 +37,8 @@ def test_questions_name_the_fact_they_ask_about():
     assert as_question(record("t", 0, "a.png", "laterality", lateral, "yes", yes_no)).label == "right"
     assert as_question(record("t", 0, "a.png", "finding", "Is there a lesion? Answer yes or no.", "yes", yes_no)).task == "finding_presence"
     assert as_question(record("t", 0, "a.png", "fine_detail", "What does it say: AB1 or CD2?", "AB1", ["AB1", "CD2"])) is None
+    texture = as_question(record("t", 0, "a.png", "fine_detail", "Is its inside uniform or speckled?", "speckled", ["uniform", "speckled"]))
+    assert (texture.task, texture.label) == ("fine_texture", "speckled")
 
 
 def test_a_probe_answers_choose_one_among_the_offered_options_and_yes_only_for_its_first_choice():

@@ -28,11 +28,13 @@ from PIL import Image
 
 from training.offline_med_render import (
     QUADRANTS,
+    TEXTURES,
     WINDOWS,
     draw_blob,
     draw_label,
     draw_lesion,
     draw_marker,
+    draw_textured_lesion,
     foreground_point,
     quadrant,
     random_label,
@@ -434,9 +436,13 @@ def label_says(text: str) -> str:
 
 
 def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer) -> Sample:
-    """A large canvas with a tiny dot or a tiny printed label: readable only when zoomed in."""
+    """A large canvas with a detail readable only when zoomed in: the texture inside a lesion
+    (40%), a tiny dot (30%) or a tiny printed label (30%)."""
     canvas = upsample_canvas(view.image, side)
-    if rng.random() < 0.5:
+    kind = rng.random()
+    if kind < 0.4:
+        return textured_lesion_sample(view, canvas, rng, bal)
+    if kind < 0.7:
         present = bal.flip("fine_dot:yes")
         detail = {"kind": "dot", "box": None}
         if present:
@@ -458,3 +464,14 @@ def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer)
     else:
         turn = Turn(f"{question}?", label_says(text), truth=text)
     return Sample("fine_detail", view.source, canvas, [turn], detail={"kind": "label", "box": list(drawn.box), "text": text})
+
+
+def textured_lesion_sample(view: View, canvas: Image.Image, rng: random.Random, bal: Balancer) -> Sample:
+    """A round lesion seen in the overview whose inside, speckled or uniform, is seen only when
+    zoomed in; asked as a choice of the two (options in balanced order)."""
+    texture = TEXTURES[0] if bal.flip("fine_texture:speckled") else TEXTURES[1]
+    canvas, drawn = draw_textured_lesion(canvas, texture, rng)
+    options = TEXTURES if bal.flip("fine_texture:first") else TEXTURES[::-1]
+    question = f"Look closely at the round lesion: is its inside {options[0]} or {options[1]}?"
+    turn = Turn(question, f"The lesion is {texture} inside.", options, truth=texture)
+    return Sample("fine_detail", view.source, canvas, [turn], detail={"kind": "texture", "box": list(drawn.box), "texture": texture})

@@ -21,6 +21,12 @@ QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 BLOB_FRACTION = (0.0025, 0.0035)  # < 0.8 low-view px, >= 3.4 high-view px
 LABEL_FRACTION = (0.0055, 0.0065)  # glyph height: ~1.3 low-view px (strokes << 1), ~8 high-view px
 LABEL_CHARS = "ACEHKLMNPRTX"
+# A round lesion of 3.5-5% of the width (~8-11 low-view px, ~60-90 high-view px), its inside
+# stippled in a checker of 2-px cells or uniform at the same mean: the low view averages the
+# stipple away.
+TEXTURED_LESION_FRACTION = (0.035, 0.05)
+TEXTURES = ("speckled", "uniform")
+STIPPLE_CELL, STIPPLE_CONTRAST = 2, 70
 
 
 def apply_window(hu: np.ndarray, window: str) -> Image.Image:
@@ -133,6 +139,33 @@ def draw_blob(canvas: Image.Image, rng: random.Random) -> tuple[Image.Image, Dra
     """A tiny lesion-like dot, 0.25-0.35% of the width: gone in the low view, clear in the high."""
     x, y = detail_position(canvas, rng)
     return draw_disk(canvas, x, y, rng.uniform(*BLOB_FRACTION) * canvas.width, rng.uniform(80, 110))
+
+
+def draw_textured_lesion(canvas: Image.Image, texture: str, rng: random.Random) -> tuple[Image.Image, Drawn]:
+    """A round lesion, bright on dark tissue and dark on bright, whose inside is `texture`:
+    'speckled' (a checker of STIPPLE_CELL-px cells, +/- STIPPLE_CONTRAST, as a fine stipple)
+    or 'uniform' at the same mean.
+
+    Measured before it joined the set (linear read-out of the tiny tower's pooled features,
+    held-out pairs identical but for the texture): 50% from the low view, 50% from the medium
+    crops, 100% from the high crops (docs/tiny-default.md).
+    """
+    x, y = detail_position(canvas, rng)
+    diameter = rng.uniform(*TEXTURED_LESION_FRACTION) * canvas.width
+    pixels = np.array(canvas.convert("RGB"), dtype=np.float32)
+    r = int(diameter / 2) + 1
+    x0, y0 = max(0, x - r), max(0, y - r)
+    patch = pixels[y0 : y + r, x0 : x + r]
+    yy, xx = np.mgrid[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]]
+    inside = (xx - x) ** 2 + (yy - y) ** 2 <= (diameter / 2) ** 2
+    surround = float(patch[inside].mean())
+    fill = np.full(inside.shape, 200.0 if surround < 128 else 60.0, dtype=np.float32)
+    if texture == "speckled":  # a checker: it cancels exactly when averaged, random cells would not
+        fill += STIPPLE_CONTRAST * np.where((yy // STIPPLE_CELL + xx // STIPPLE_CELL) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    patch[inside] = np.clip(fill[inside], 0, 255)[:, None]
+    pixels[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]] = patch
+    box = (round(x - diameter / 2), round(y - diameter / 2), round(x + diameter / 2), round(y + diameter / 2))
+    return Image.fromarray(pixels.astype(np.uint8)).convert(canvas.mode), Drawn(box, float(fill[inside].mean()) - surround)
 
 
 def label_font(height: int) -> ImageFont.ImageFont:

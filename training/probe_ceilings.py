@@ -13,7 +13,8 @@ What is predicted: the fact behind each question (a modality, a side, a quadrant
 lesion or a dot is there), with one classifier per fact; a question is answered from it as the
 model must: the offered option the classifier ranks first, or "yes" when the option asked is
 the classifier's first choice. Questions about a label's text are not probed (a linear read-out
-cannot compare a crop with arbitrary strings): fine-detail ceilings cover the dot questions.
+cannot compare a crop with arbitrary strings): fine-detail ceilings cover the dot and the
+lesion-texture questions.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from training.feature_cache import FeatureCache, ImageFeatures, default_cache_dir
 from training.offline_med_questions import MODALITIES, PLANES, REGIONS
-from training.offline_med_render import WINDOWS
+from training.offline_med_render import TEXTURES, WINDOWS
 
 LEVELS = ("low", "medium", "high")
 VOCABULARY = {
@@ -43,6 +44,9 @@ VOCABULARY = {
     "laterality": ("left", "right"),
 }
 TRAIN_PER_FACT = 600  # training records per fact: enough for a linear read-out, bounded tower time
+# Fine-detail canvases (1344-1792 px, ~36 high crops) cost ~10x a view's tower time; 60 pairs
+# already read the lesion texture at 100% from the high crops.
+TRAIN_PER_FINE_FACT = 200
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def as_question(record: dict) -> Question | None:
         return Question(record, "finding_presence", None, truth) if yes_no else Question(record, "finding_quadrant", None, truth)
     if family == "fine_detail" and yes_no:
         return Question(record, "fine_dot", None, truth)
+    if family == "fine_detail" and set(options or ()) == set(TEXTURES):
+        return Question(record, "fine_texture", None, truth)
     return None
 
 
@@ -165,7 +171,7 @@ def probe_ceilings(
     needed = {task for task in (q.task for q in held)}
     for task in needed:
         rng.shuffle(by_task[task])
-        by_task[task] = by_task[task][:TRAIN_PER_FACT]
+        by_task[task] = by_task[task][: TRAIN_PER_FINE_FACT if task.startswith("fine_") else TRAIN_PER_FACT]
     images = sorted({image for task in needed for image, _ in by_task[task]} | {q.record["image"] for q in held})
     for image in tqdm(images, desc="probe features", file=sys.stderr, disable=len(images) < 4):
         feats(image)
