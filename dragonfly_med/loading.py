@@ -147,7 +147,10 @@ def load_processor(directory: str | Path, config: DragonflyConfig):
     """The processor of a model directory: tokenizer + image processor + the prompt settings of
     the model config (prompt format, placeholder / separator / eos tokens)."""
     from .processing_dragonfly import DragonflyProcessor
+    from .released import has_tokenizer, no_tokenizer_message
 
+    if not has_tokenizer(directory):
+        raise FileNotFoundError(no_tokenizer_message(directory))
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return DragonflyProcessor.from_model_config(
         config, tokenizer=tokenizer, image_processor=image_processor_for(directory, config)

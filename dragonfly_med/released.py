@@ -54,24 +54,55 @@ def is_released_layout(directory: str | Path) -> bool:
     return raw.get("model_type") == "dragonfly" and "geometry" not in raw and "image_encoder" in raw
 
 
-def released_vision_config(raw: dict) -> CLIPVisionConfig:
+def released_vision_config(raw: dict, directory: str | Path = ".") -> CLIPVisionConfig:
     """The CLIP config of a released checkpoint: an explicit `vision_config` if the file has one,
-    else the public values of the named `image_encoder`."""
+    else the `config.json` of a local `image_encoder` directory (absolute, or relative to the
+    checkpoint), else the public values of a known `image_encoder` hub name."""
     if isinstance(raw.get("vision_config"), dict):
         return CLIPVisionConfig(**raw["vision_config"])
     name = raw.get("image_encoder", RELEASED_VISION_TOWER)
+    local = Path(directory) / name
+    if (local / "config.json").is_file():
+        return local_clip_vision_config(local)
     if name not in KNOWN_VISION_TOWERS:
         raise ValueError(
-            f"unknown image_encoder {name!r}: add its CLIP vision config to config.json as `vision_config` "
+            f"unknown image_encoder {name!r}: not a local directory with a config.json and not a known hub name; "
+            f"point it at a local CLIP directory or add its CLIP vision config to config.json as `vision_config` "
             f"(known: {', '.join(KNOWN_VISION_TOWERS)})"
         )
     return CLIPVisionConfig(**KNOWN_VISION_TOWERS[name])
 
 
+def local_clip_vision_config(directory: Path) -> CLIPVisionConfig:
+    """The vision part of a local CLIP directory's config.json (a full CLIP model's
+    `vision_config`, or a vision-only config)."""
+    raw = json.loads((directory / "config.json").read_text())
+    if raw.get("model_type") == "clip" and isinstance(raw.get("vision_config"), dict):
+        return CLIPVisionConfig(**raw["vision_config"])
+    if raw.get("model_type") == "clip_vision_model":
+        return CLIPVisionConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    raise ValueError(
+        f"image_encoder directory {directory} holds a {raw.get('model_type')!r} config; expected a CLIP model "
+        "('clip' with a vision_config, or 'clip_vision_model')"
+    )
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES[:2])
+
+
+def no_tokenizer_message(directory: str | Path) -> str:
+    return (
+        f"{directory} ships no tokenizer (no tokenizer.json or tokenizer_config.json): copy the "
+        "Llama-3.1-8B-Instruct tokenizer files into it (the release's own tokenizer, with its "
+        "<|reserved_special_token_0|> image placeholder)"
+    )
+
+
 def released_token_ids(directory: str | Path) -> dict[str, int]:
     """Ids of the placeholder, separator and eos tokens, read from the checkpoint's tokenizer."""
     directory = Path(directory)
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES[:2]):
+    if not has_tokenizer(directory):
         return dict(LLAMA3_FALLBACK_IDS)
     from transformers import AutoTokenizer
 
@@ -98,7 +129,7 @@ def released_config(directory: str | Path) -> DragonflyConfig:
         raise ValueError(
             f"{directory}/config.json has no text_config; not a released Dragonfly v2 checkpoint"
         )
-    vision_config = released_vision_config(raw)
+    vision_config = released_vision_config(raw, directory)
     ids = released_token_ids(directory)
     return DragonflyConfig(
         vision_config=vision_config,

@@ -15,6 +15,7 @@ from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
 from dragonfly_med.released import (
     IMAGE_TOKEN,
     SEPARATOR_TOKEN,
+    TOKENIZER_FILES,
     is_released_layout,
     released_config,
     save_tiny_released_checkpoint,
@@ -98,6 +99,39 @@ def test_real_release_config_needs_no_hub(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="vision_config"):
         released_config(tmp_path)
+
+
+def test_a_local_image_encoder_directory_gives_the_vision_config(tmp_path):
+    """image_encoder may name a local CLIP folder (relative to the checkpoint or absolute)."""
+    clip = {"model_type": "clip", "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": 56, "patch_size": 7}}  # fmt: skip
+    (tmp_path / "my-clip").mkdir()
+    (tmp_path / "my-clip" / "config.json").write_text(json.dumps(clip))
+    text = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 128256,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128}  # fmt: skip
+    raw = {"model_type": "dragonfly", "image_encoder": "my-clip", "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = released_config(tmp_path)
+    assert (config.vision_config.hidden_size, config.vision_config.image_size) == (64, 56)
+    assert config.get_geometry().feature_grid == 8
+    raw["image_encoder"] = str(tmp_path / "my-clip")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert released_config(tmp_path).vision_config.patch_size == 7
+    (tmp_path / "my-clip" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    raw["image_encoder"] = "my-clip"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="expected a CLIP model"):
+        released_config(tmp_path)
+
+
+def test_a_checkpoint_without_tokenizer_says_so(released_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for item in released_dir.iterdir():
+        if item.is_file() and item.name not in TOKENIZER_FILES:
+            (bare / item.name).symlink_to(item)
+    with pytest.raises(FileNotFoundError, match="ships no tokenizer"):
+        load_model(str(bare))
 
 
 def test_load_model_released_layout_matches_reference(released_dir):
