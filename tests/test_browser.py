@@ -3,26 +3,31 @@
 Upload a refused file (its message shows in place), then an extensionless DICOM carrying patient
 identifiers; see the grid overlay and the zoom ratio (and no identifier anywhere on the page);
 ask, watch the answer stream, press Stop; thumbs up; a window preset; the History tab; closing
-the page ends the session. Screenshots go to test-artifacts/ for a human to look at.
+the page ends the session. A whole series: upload, slide to another slice, ask, see where the
+model looked, export the teaching file and open it. Screenshots go to test-artifacts/ for a
+human to look at, and the series walk's two to docs/ for the README.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-from app_server import ROOT, phi_dicom, phi_leaks, start_server
+from app_server import PHI_VALUES, ROOT, phi_dicom, phi_leaks, start_server
 from pydicom.data import get_testdata_files
+from series_assets import write_ct_series
 
 from app.examples import CATALOGUE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
+DOCS = ROOT / "docs"  # the README's screenshots, remade by the series walk
 
 if not CHROMIUM.exists():
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
@@ -233,3 +238,70 @@ def test_examples_suggestions_and_frame_slider(page, served) -> None:
     page.locator("#frame").get_by_text("Frame 3 / 15").wait_for()
     sync_api.expect(page.locator("#facts")).to_contain_text("3 / 15")
     page.screenshot(path=str(ARTIFACTS / "browser-5-frames.png"), full_page=True)
+
+
+def test_series_slide_ask_overlay_and_teaching_file(page, served, tmp_path: Path) -> None:
+    """The issue's walk: a CT series (the InVesalius head written out one file per slice, with
+    identifiers in its headers) chosen as several files; slide to another slice (a new
+    conversation; the log says which slice); ask; see where the model looked; export the
+    teaching file and open it offline. The two screenshots in docs/ are made here."""
+    server, workdir = served
+    files = write_ct_series(tmp_path / "series", list(range(30, 54)), extra=dict(PHI_VALUES))
+    page.locator("#upload input[type=file]").set_input_files([str(p) for p in files.values()])
+    page.get_by_text("Series loaded: 24 slice(s), slice 13 shown").wait_for()
+    page.locator("#slice").get_by_text("Slice 13 / 24").wait_for()
+    for text in ("13 / 24", "1.5 mm", "axial"):
+        sync_api.expect(page.locator("#facts")).to_contain_text(text)
+    page.get_by_text("Sampling settings").click()
+    set_max_new_tokens(page, 12)
+    ask(page, workdir, "Is this a CT?")
+    number = page.locator("#slice input[type=number]")
+    number.fill("5")
+    number.press("Enter")
+    page.get_by_text("Slice changed").wait_for()
+    page.locator("#slice").get_by_text("Slice 5 / 24").wait_for()
+    sync_api.expect(page.locator("#facts")).to_contain_text("5 / 24")
+    assert page.locator("#chat .user").count() == 0  # new pixels, new conversation
+    ask(page, workdir, "Which body region is shown?")
+    assert page.locator("#chat .user").count() == 1
+    asked = db(workdir, "SELECT t.question, json_extract(i.facts, '$.series.slice') FROM turns t JOIN images i "
+                        "ON i.id = t.image_id WHERE t.question IN ('Is this a CT?', 'Which body region is shown?') ORDER BY t.id")
+    assert asked[-2:] == [("Is this a CT?", 12), ("Which body region is shown?", 4)]
+
+    heat = page.locator("#model-sees").get_by_text("where the model looked for the last answer")
+    heat.wait_for()
+    wait_idle(page)
+    page.wait_for_timeout(1_000)  # the grid picture repaints after its event ends
+    page.screenshot(path=str(DOCS / "screenshot-series.png"), full_page=True)
+    page.locator("#show-heat input").uncheck()
+    heat.wait_for(state="detached")
+    page.locator("#show-heat input").check()
+    heat.wait_for()
+    wait_idle(page)
+
+    page.locator("#export-teaching").click()
+    with page.expect_download() as download:
+        page.locator("#teaching-file a[download]").first.click()
+    saved = tmp_path / "teaching-file.html"
+    download.value.save_as(saved)
+    html = saved.read_text(encoding="utf-8")
+    assert "Which body region is shown?" in html and "5 / 24" in html and "do not use them for patient care" in html
+    assert re.findall(r'(?:src|href)="(?!data:|#)', html) == []  # self-contained: nothing to fetch
+    assert phi_leaks(html) == [] and all(f.name not in html for f in files.values())
+    opened = page.context.browser.new_page()
+    opened.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+    opened.goto(saved.as_uri())
+    assert opened.evaluate("() => document.images.length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+    opened.screenshot(path=str(DOCS / "screenshot-teaching-file.png"), full_page=True)
+    assert phi_leaks(page.content()) == [] and phi_leaks(server.output()) == []
+    assert [p for p in server.cache.rglob("*") if p.is_file() and p.name in {f.name for f in files.values()}] == []
+
+
+def ask(page, workdir: Path, question: str) -> None:
+    """Send a question and wait until its turn is logged and the page is idle."""
+    turns = len(statuses(workdir))
+    page.locator("#question textarea").fill(question)
+    page.locator("#send").click()
+    wait_for(lambda: len(statuses(workdir)) > turns, timeout_s=180)
+    wait_idle(page, timeout_ms=180_000)
+    assert_no_error(page)
