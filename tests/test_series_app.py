@@ -159,6 +159,7 @@ def test_page_slider_series_picker_and_facts(services: Services, tmp_path: Path)
     assert updates[page.upload_msg] == loaded_message(session)
     assert updates[page.upload_msg].startswith("Series loaded: 20 slice(s), slice 11 shown (2 series")
     assert updates[page.slice]["label"] == "Slice 11 / 20" and updates[page.slice]["visible"]
+    assert updates[page.window]["visible"] and not updates[page.frame]["visible"]  # the same window controls
     assert updates[page.series_pick]["visible"] and [c[0] for c in updates[page.series_pick]["choices"]] == [
         "Series 3 · CT · HEAD 1.5MM · 20 slices", "Series 4 · CT · HEAD 3MM · 10 slices"]
     panel = facts_markdown(session.view)
