@@ -43,10 +43,10 @@ VOCABULARY = {
     "window": tuple(WINDOWS),
     "laterality": ("left", "right"),
 }
-TRAIN_PER_FACT = 600  # training records per fact: enough for a linear read-out, bounded tower time
+TRAIN_PER_FACT = 200  # training records per fact: enough for a linear read-out, bounded tower time
 # Fine-detail canvases (1344-1792 px, ~36 high crops) cost ~10x a view's tower time; 60 pairs
 # already read the lesion texture at 100% from the high crops.
-TRAIN_PER_FINE_FACT = 200
+TRAIN_PER_FINE_FACT = 100
 
 
 @dataclass(frozen=True)
