@@ -70,9 +70,13 @@ def test_shares_cover_every_crop_and_sum_to_one(engine: ChatEngine, labelled: Re
 def test_label_crop_leads_the_high_crops_and_the_low_view_leads_all(engine: ChatEngine, labelled: Relevance) -> None:
     blank = explain(engine, snapshot(answered(engine, crafted(label=False))))
     high = {(c.crop.col, c.crop.row): c.share for c in labelled.crops if c.crop.level == "high"}
-    # what the method shows: the whole-image view first, then the label's high crop
+    # what the method shows: the whole-image view first, then the label's high crop, except for
+    # the block's last crop (bottom-right), which can lead on its position next to the question
+    # alone (docs/relevance.md): it is left out of the comparison
     assert max(labelled.crops, key=lambda c: c.share).crop.level == "low"
-    assert max(high, key=high.get) == LABEL_CROP[1:], sorted(high.items(), key=lambda kv: -kv[1])[:4]
+    last = max(high)
+    others = {k: v for k, v in high.items() if k != last}
+    assert max(others, key=others.get) == LABEL_CROP[1:], sorted(high.items(), key=lambda kv: -kv[1])[:4]
     assert share_of(labelled, *LABEL_CROP) > 2 * share_of(blank, *LABEL_CROP)
 
 
