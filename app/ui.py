@@ -25,6 +25,7 @@ from app.examples import Example, find_examples, thumbnail
 from app.overlay import HEAT_LEGEND, LEGEND, display_copy, draw_heat, framed, top_crops
 from app.session import NO_IMAGE_HINT, ImageView, Services, UserSession, read_upload, read_uploads
 from app.teaching import DISCLAIMER_TEXT, DISCLAIMER_TITLE
+from app.uploads import without_stray_temp_files
 from dragonfly_med.chat import SamplingParams
 from dragonfly_med.ingest import WINDOW_PRESETS, IngestError, load_image
 
@@ -143,8 +144,22 @@ class Page:
         # JSON exports for download; Gradio copies them into its (cleaned) cache, this folder
         # itself goes when the process ends
         self.exports = tempfile.TemporaryDirectory(prefix="dragonfly-exports-")
+        self.thumbnails = tempfile.TemporaryDirectory(prefix="dragonfly-examples-")
 
     # ------------------------------------------------------------------ helpers
+
+    def example_thumbnails(self) -> list[tuple[str, str]]:
+        """The gallery's (thumbnail PNG, title) pairs, in a folder of their own that Gradio serves in
+        place (`gr.set_static_paths`): given as images, they would be written into Gradio's upload
+        cache, which is to hold nothing but uploads being consumed. Public sample images only."""
+        folder = Path(self.thumbnails.name)
+        gr.set_static_paths([folder])
+        pairs = []
+        for number, example in enumerate(self.examples):
+            path = folder / f"example-{number}.png"
+            thumbnail(load_image(example.path).image).save(path)
+            pairs.append((str(path), example.title))
+        return pairs
 
     def session(self, state: UserSession | None, request: gr.Request) -> UserSession:
         """The page's session: from its gr.State, or new on the page's first event."""
@@ -476,11 +491,13 @@ class Page:
 
     def _image_column(self) -> None:
         with gr.Column(scale=1):
-            self.upload = gr.File(label="Image: click or drop a DICOM (any or no extension) or photo; or a series: several "
-                                  f"DICOM files or a .zip; ≤ {self.max_upload_mb} MB in all",
-                                  file_count="multiple", type="filepath", elem_id="upload")
-            self.folder = gr.UploadButton("Open a folder (a CD's DICOM folder, with or without DICOMDIR)",
-                                          file_count="directory", type="filepath", size="sm", elem_id="upload-folder")
+            self.upload = without_stray_temp_files(gr.File(
+                label="Image: click or drop a DICOM (any or no extension) or photo; or a series: several "
+                f"DICOM files or a .zip; ≤ {self.max_upload_mb} MB in all",
+                file_count="multiple", type="filepath", elem_id="upload"))
+            self.folder = without_stray_temp_files(gr.UploadButton(
+                "Open a folder (a CD's DICOM folder, with or without DICOMDIR)",
+                file_count="directory", type="filepath", size="sm", elem_id="upload-folder"))
             self.upload_msg = gr.Markdown(NO_IMAGE_HINT, elem_id="upload-message")
             self.series_pick = gr.Dropdown(label="Series", choices=[], visible=False, elem_id="series")
             self.image = gr.Image(label="Image", type="pil", format="png", interactive=False, height=320, elem_id="image")
@@ -493,7 +510,7 @@ class Page:
             self.frame = gr.Slider(1, 2, step=1, value=1, label="Frame", visible=False, elem_id="frame")
             self.slice = gr.Slider(1, 2, step=1, value=1, label="Slice", visible=False, elem_id="slice")
             self.facts = gr.Markdown(elem_id="facts")
-            self.gallery = gr.Gallery(value=[(thumbnail(load_image(e.path).image), e.title) for e in self.examples],
+            self.gallery = gr.Gallery(value=self.example_thumbnails(),
                                       label="Examples (click to load)", columns=5, height=150, allow_preview=False,
                                       format="png", elem_id="examples")
             self.suggestions = gr.Radio(label="Suggested questions", choices=[], visible=False)
@@ -541,7 +558,7 @@ class Page:
     def _api_endpoints(self) -> None:
         """Hidden components behind `/load_image`, `/select_slice`, `/send` and `/explain` (API clients only)."""
         with gr.Row(visible=False):
-            self.api_file = gr.File(type="filepath")
+            self.api_file = without_stray_temp_files(gr.File(type="filepath"))
             self.api_info = gr.JSON()
             self.api_message = gr.Textbox()
             self.api_answer = gr.Textbox()
