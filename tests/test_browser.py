@@ -231,13 +231,19 @@ def test_examples_suggestions_and_frame_slider(page, served) -> None:
     sync_api.expect(page.locator("#question textarea")).to_have_value(suggestion)
     page.locator("#upload input[type=file]").set_input_files(get_testdata_files("rtdose.dcm")[0])
     page.locator("#frame").get_by_text("Frame 8 / 15").wait_for()
-    frame = page.locator("#frame input[type=number]")
-    frame.fill("3")
-    frame.press("Enter")
-    page.get_by_text("Frame changed").wait_for()
-    page.locator("#frame").get_by_text("Frame 3 / 15").wait_for()
-    sync_api.expect(page.locator("#facts")).to_contain_text("3 / 15")
+    move_to(page, "frame", 3, 15)
     page.screenshot(path=str(ARTIFACTS / "browser-5-frames.png"), full_page=True)
+
+
+def move_to(page, slider: str, number: int, total: int) -> None:
+    """Type a frame or slice number into its slider's box and wait until the page and the facts
+    show it ("Frame 3 / 15", "Slice 5 / 24")."""
+    box = page.locator(f"#{slider} input[type=number]")
+    box.fill(str(number))
+    box.press("Enter")
+    page.get_by_text(f"{slider.capitalize()} changed").wait_for()
+    page.locator(f"#{slider}").get_by_text(f"{slider.capitalize()} {number} / {total}").wait_for()
+    sync_api.expect(page.locator("#facts")).to_contain_text(f"{number} / {total}")
 
 
 def test_series_slide_ask_overlay_and_teaching_file(page, served, tmp_path: Path) -> None:
@@ -255,12 +261,7 @@ def test_series_slide_ask_overlay_and_teaching_file(page, served, tmp_path: Path
     page.get_by_text("Sampling settings").click()
     set_max_new_tokens(page, 12)
     ask(page, workdir, "Is this a CT?")
-    number = page.locator("#slice input[type=number]")
-    number.fill("5")
-    number.press("Enter")
-    page.get_by_text("Slice changed").wait_for()
-    page.locator("#slice").get_by_text("Slice 5 / 24").wait_for()
-    sync_api.expect(page.locator("#facts")).to_contain_text("5 / 24")
+    move_to(page, "slice", 5, 24)
     assert page.locator("#chat .user").count() == 0  # new pixels, new conversation
     ask(page, workdir, "Which body region is shown?")
     assert page.locator("#chat .user").count() == 1
