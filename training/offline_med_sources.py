@@ -263,12 +263,14 @@ def radiograph_views(source: Source, rng: random.Random, scale: Scale) -> Iterat
     tissue as X-ray energies make it, shown bone-bright at the physical aspect."""
     zyx, (sx, sy, sz) = read_inv3(source.path)
     hu = zyx.astype(np.float32)
+    soft, bone = np.clip(hu + 1000, 0, 1000) / 1000, np.clip(hu, 0, None) / 1000
+    # line integrals are linear in the weights: project each part once, weight per view
+    frontal = (soft.sum(axis=1) * sy, bone.sum(axis=1) * sy, (sz, sx))  # (z, x)
+    lateral = (soft.sum(axis=2) * sx, bone.sum(axis=2) * sx, (sz, sy))  # (z, y)
     for i in range(scale.views_2d):
         bone_weight = rng.uniform(2.0, 4.0)
-        attenuation = np.clip(hu + 1000, 0, 1000) / 1000 + bone_weight * np.clip(hu, 0, None) / 1000
-        lateral = i % 2 == 1
-        path = attenuation.sum(axis=2) * sx if lateral else attenuation.sum(axis=1) * sy  # (z, y) or (z, x)
-        spacing = (sz, sy) if lateral else (sz, sx)
+        soft_path, bone_path, spacing = lateral if i % 2 else frontal
+        path = soft_path + bone_weight * bone_path
         image = to_display(np.asarray(autocontrast(path[::-1])), spacing)
         yield View(source.id, jitter(image, rng), source.modality, source.body_region)
 
