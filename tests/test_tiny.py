@@ -1,6 +1,8 @@
 """The embedded default: EfficientNet-Lite0 ImageNet weights and the SmolLM2-based tiny model."""
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,43 @@ from dragonfly_med.geometry import plan_crops
 
 # ImageNet classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = set(range(281, 286))
+# The shipped tiny model's greedy answers to the gallery, recorded by `gallery_answers` (see the
+# file's "produced_by"): a change of how the assets load must leave them token for token.
+GALLERY_ANSWERS = Path(__file__).with_name("tiny_gallery_answers.json")
+GALLERY_TOKENS = 32
+TEXT_QUESTION = "What is the capital of France?"
+MODALITY_QUESTION = "What imaging modality is this?"
+
+
+def gallery_answers(model, processor) -> list[dict]:
+    """Greedy answers (generated token ids, eos included, and text) to the report and modality
+    questions that every gallery example suggests, each in a fresh conversation, and to the
+    text-only question. One CPU thread, so that the sums are the same on any core count."""
+    from app.examples import REPORT, find_examples
+    from dragonfly_med.chat import ChatEngine, SamplingParams
+    from dragonfly_med.ingest import load_image
+
+    engine = ChatEngine(model, processor, "tiny", cpu_threads=1)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=GALLERY_TOKENS)
+    turns = [(None, None, TEXT_QUESTION)]
+    for example in find_examples():
+        image = load_image(example.path).image
+        turns += [(example.path.name, image, question) for question in (REPORT, MODALITY_QUESTION)]
+    rows = []
+    for name, image, question in turns:
+        conversation = engine.new_conversation(image)
+        for _ in conversation.stream(question, params):
+            pass
+        assert conversation.last_stats.status == "ok", conversation.last_stats.error
+        rows.append(
+            {
+                "image": name,
+                "question": question,
+                "token_ids": conversation.last_generated_ids,
+                "text": conversation.history[-1][1],
+            }
+        )
+    return rows
 
 
 def test_efficientnet_strict_load_and_imagenet_sanity():
@@ -99,3 +138,17 @@ def test_shipped_tiny_names_the_modality_of_the_gallery_images(tiny):
     for name, example in examples.items():
         answer = engine.answer(load_image(example.path).image, "What imaging modality is this?", params)
         assert any(word in answer.lower() for word in expected[name]), (name, answer)
+
+
+@pytest.mark.slow
+def test_shipped_tiny_gives_the_recorded_gallery_answers(tiny):
+    """Token for token what the shipped assets answered when they were recorded, whatever code
+    loads them (the recording predates the move of the adapters to PEFT's format)."""
+    model, processor, _ = tiny
+    recorded = json.loads(GALLERY_ANSWERS.read_text())["answers"]
+    answers = gallery_answers(model, processor)
+    assert [(a["image"], a["question"]) for a in answers] == [
+        (r["image"], r["question"]) for r in recorded
+    ]
+    for answer, expected in zip(answers, recorded, strict=True):
+        assert answer == expected, (answer, expected)
