@@ -1,122 +1,154 @@
-"""Low-rank adapters (LoRA) for the LLM's linear layers: train them, save them, merge them.
+"""LoRA for the LLM's projections through PEFT: add adapters, merge them, save the stages' chain.
 
 The tiny model ships within a 30 MB asset budget, so its LLM cannot be fine-tuned and shipped as
-full weights (540 MB in fp32). Training wraps each targeted `nn.Linear` as W x + (B A) x, with
-W frozen and A [rank, in], B [out, rank] trained; B starts at zero so training starts from the
-unchanged LLM. Saved adapters hold B with the scale alpha / rank already folded in, so merging is
-always W += B @ A, and the adapters of successive stages concatenate along the rank.
+full weights (540 MB in fp32): stages 2 and 3 train PEFT LoRA adapters, and every stage ends with
+them merged (final/ is a plain model). `inject_adapter_in_model` adds them in place, inside the
+Dragonfly model, so that its module names, checkpoints and `model_parts` stay as they are.
+
+What ships is ONE adapter that turns the packaged LLM into the last stage's, in PEFT's format
+(`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]), so that
+`PeftModel.from_pretrained(llm, folder)` loads it. Yet stage 3 trains fresh adapters on stage 2's
+merged LLM. With each stage's scale s = alpha / r, the two updates add up to one adapter:
+
+    W + s2 B2 A2 + s3 B3 A3 = W + [s2 B2 | s3 B3] [A2 ; A3]
+
+So a chain holds, per module, A and B with the scale folded into B, stages concatenate along the
+rank, and the saved config says lora_alpha = r: PEFT's scale alpha / r is then 1 and its merge is
+exactly W += B A. That is why chains are written here and not by `PeftModel.save_pretrained`,
+which would save one stage's adapter with that stage's own scale.
+
+peft is imported where it is used: it pulls bitsandbytes (seconds), which loading a built model
+does not need.
 """
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-ADAPTER_FILE = "lora.safetensors"
+# A run's final/ keeps its chain in this sub-folder, not beside config.json: with peft installed,
+# transformers' from_pretrained would load an adapter_config.json found there onto the merged LLM.
+ADAPTER_DIR = "adapter"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# PeftModel wraps the LLM as base_model (the LoRA tuner) -> model (the LLM).
+KEY_PREFIX = "base_model.model."
 # Every projection of a Llama decoder layer (attention and MLP).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# module name -> (A [r, in], B [out, r] with the scale folded in), fp32 on the CPU
+Chain = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update scaled by alpha / rank."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
-        self.scale = alpha / rank
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=weight.dtype, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every PEFT LoRA layer inside `module`."""
+    from peft.tuners.lora import LoraLayer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.T.to(x.dtype)) @ (self.lora_B.T.to(x.dtype) * self.scale)
-
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B * scale): the update as saved, so that merging is W += B @ A."""
-        return self.lora_A.detach().float(), (self.lora_B.detach() * self.scale).float()
+    return [(name, child) for name, child in module.named_modules() if isinstance(child, LoraLayer)]
 
 
 def add_lora(module: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[str]:
-    """Wrap every `nn.Linear` of `module` whose name ends with one of `targets`; returns their
-    names (relative to `module`). Raises when nothing matched, rather than training nothing."""
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    names = [
-        name
-        for name, child in module.named_modules()
-        if isinstance(child, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    ]
-    if not names:
-        raise ValueError(f"no linear layer named {targets} in {type(module).__name__}")
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha))
-    return names
+    """Give every linear layer of `module` named by `targets` a trainable LoRA adapter (PEFT's
+    initialisation: B = 0, so training starts from the unchanged module) and freeze the rest of
+    `module`; returns the adapted layers' names. PEFT raises when no layer matches."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+    inject_adapter_in_model(config, module)
+    return [name for name, _ in lora_layers(module)]
 
 
-def adapters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained updates of `module` as `{name}.lora_A` / `{name}.lora_B` (scale folded in), on
-    the CPU like adapters read from a file, whatever device the model trains on."""
-    tensors = {}
-    for name, child in module.named_modules():
-        if isinstance(child, LoRALinear):
-            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = (t.cpu() for t in child.folded())
-    return tensors
+def adapters(module: nn.Module) -> Chain:
+    """The trained updates of `module`'s adapters, scale folded into B, on the CPU like a chain
+    read from a file, whatever device the model trains on."""
+    chain = {}
+    for name, layer in lora_layers(module):
+        (adapter,) = layer.lora_A  # the one adapter `add_lora` injected
+        a, b = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+        chain[name] = (a.float().cpu(), (b * layer.scaling[adapter]).float().cpu())
+    return chain
 
 
 def merge_lora(module: nn.Module) -> None:
-    """Replace each LoRALinear by its base layer with the update merged in (W += B A scale)."""
-    for name, child in list(module.named_modules()):
-        if isinstance(child, LoRALinear):
-            a, b = child.folded()
-            with torch.no_grad():
-                child.base.weight += (b @ a).to(child.base.weight.dtype)
-            parent_name, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent_name), attr, child.base)
+    """Merge each adapter into its layer with PEFT's `merge` and put the plain layer back: what
+    `merge_and_unload` does, for adapters injected without a PeftModel around the module."""
+    for name, layer in lora_layers(module):
+        layer.merge()
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent), attr, layer.get_base_layer())
+    if hasattr(module, "peft_config"):
+        del module.peft_config
 
 
-def concat_adapters(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Adapters equivalent to applying `first` then `second` (ranks add up)."""
+def concat_adapters(first: Chain, second: Chain) -> Chain:
+    """The chain equivalent to applying `first` then `second` (ranks add up)."""
     out = dict(first)
-    for key, tensor in second.items():
-        if key not in out:
-            out[key] = tensor
-        else:
-            out[key] = torch.cat([out[key], tensor], dim=0 if key.endswith("lora_A") else 1)
+    for name, (a, b) in second.items():
+        out[name] = (torch.cat([out[name][0], a]), torch.cat([out[name][1], b], dim=1)) if name in out else (a, b)
     return out
 
 
-def apply_adapters(module: nn.Module, tensors: dict[str, torch.Tensor]) -> int:
-    """Merge saved adapters into the plain linear layers of `module`; returns how many layers
-    changed. Every adapter must find its layer, with matching shapes."""
-    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    for name in names:
-        layer = module.get_submodule(name)
-        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-        if (b.shape[0], a.shape[1]) != tuple(layer.weight.shape):
-            raise ValueError(f"adapter {name}: update {(b.shape[0], a.shape[1])} does not fit weight {tuple(layer.weight.shape)}")
-        with torch.no_grad():
-            layer.weight += (b.to(layer.weight.device) @ a.to(layer.weight.device)).to(layer.weight.dtype)
-    return len(names)
+def save_adapters(
+    chain: Chain, folder: str | Path, dtype: torch.dtype = torch.float32, task_type: str | None = "CAUSAL_LM"
+) -> Path:
+    """Write `chain` as a PEFT LoRA adapter folder (lora_alpha = r: the scale is folded in). The
+    task type makes `PeftModel.from_pretrained` return a PeftModelForCausalLM, with `generate`."""
+    from peft import LoraConfig
+
+    ranks = {a.shape[0] for a, _ in chain.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"a chain needs one rank for all its layers, got {sorted(ranks)}")
+    (rank,) = ranks
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in chain})
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, task_type=task_type)
+    config.save_pretrained(str(folder))
+    tensors = {}
+    for name, (a, b) in chain.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.to(dtype).contiguous()
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder
 
 
-def save_adapters(tensors: dict[str, torch.Tensor], path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    from safetensors.torch import save_file
+def load_adapters(folder: str | Path) -> Chain:
+    """A PEFT LoRA adapter folder as a chain (its scale lora_alpha / r folded into B, fp32)."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{folder}: only plain LoRA adapters (one rank and alpha) chain")
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    chain = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removeprefix(KEY_PREFIX).removesuffix(".lora_A.weight")
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            chain[name] = (a.float(), b.float() * scale)
+    return chain
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rank = max((t.shape[0] for k, t in tensors.items() if k.endswith("lora_A")), default=0)
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(path), metadata={"rank": str(rank)})
-    return path
 
+def merge_adapter_folder(llm: nn.Module, folder: str | Path) -> int:
+    """Merge a saved adapter into `llm`'s weights, in place, the way PEFT users do:
+    `PeftModel.from_pretrained`, then `merge_and_unload`. Returns how many layers changed. PEFT
+    refuses shapes that do not fit but skips saved layers that it did not adapt, so the two sets
+    of layers are compared first."""
+    from peft import PeftModel
 
-def load_adapters(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v.float() for k, v in load_file(str(path)).items()}
+    folder = Path(folder)
+    with safe_open(str(folder / WEIGHTS_FILE), "pt") as handle:
+        saved = {key.removeprefix(KEY_PREFIX).split(".lora_")[0] for key in handle.keys()}
+    peft_model = PeftModel.from_pretrained(llm, str(folder))
+    adapted = {name for name, _ in lora_layers(llm)}
+    if adapted != saved:
+        peft_model.unload()
+        raise ValueError(f"{folder}: adapters of {sorted(saved - adapted)[:3]} find no layer; layers {sorted(adapted - saved)[:3]} have no adapter")
+    peft_model.merge_and_unload()
+    return len(saved)

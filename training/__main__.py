@@ -22,6 +22,7 @@ COMMANDS = {
     "reproduce-tiny": ("training.reproduce", "data -> tiny-med-stage1..3 -> eval -> assets/tiny/"),
     "bench-step": ("training.bench_step", "time per trained answer of a tiny-model training step (docs/benchmarks.md)"),
     "ablation": ("training.ablation", "zoom-in ablation L / L+M / L+H / L+M+H (docs/ablation.*)"),
+    "convert-adapters": ("training.convert_adapters", "old lora.safetensors adapters -> a PEFT adapter folder"),
     "probe-features": ("training.probe_features", "what a linear read-out of the frozen tower answers of the eval questions (probe ceilings)"),
 }
 

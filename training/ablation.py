@@ -64,8 +64,8 @@ def write_train_files(data_dir: Path) -> tuple[str, str]:
 
 
 def variant_init(base_dir: Path, levels: tuple[str, ...], target: Path) -> Path:
-    """A starting model folder identical to `base_dir` but for `Geometry.levels` (weights are
-    symlinked, not copied: 540 MB each)."""
+    """A starting model folder identical to `base_dir` but for `Geometry.levels` (weights, and
+    an adapter/ folder if any, are symlinked, not copied: 540 MB each)."""
     if (target / "config.json").is_file():
         return target
     target.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def variant_init(base_dir: Path, levels: tuple[str, ...], target: Path) -> Path:
             geometry = data["geometry"]
             geometry["levels"] = list(levels)
             (target / item.name).write_text(json.dumps(data, indent=2))
-        elif item.is_file():
+        else:
             link = target / item.name
             if not link.exists():
                 os.symlink(item.resolve(), link)

@@ -95,7 +95,7 @@ class Recipe:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = True
     # tune.llm with lora_rank > 0 trains low-rank adapters of the LLM's projections instead of
-    # its full weights (merged into final/, and saved alone as final/lora.safetensors)
+    # its full weights (merged into final/, and saved alone as the PEFT adapter final/adapter/)
     lora_rank: int = 0
     lora_alpha: float = 16.0
     # a frozen vision tower's features are computed once per image and kept on disk; "auto":

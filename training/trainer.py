@@ -32,6 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from training.convert_adapters import require_converted
 from training.data import Mixture, build_mixture
 from training.feature_cache import FeatureCache, default_cache_dir
 from training.recipe import Recipe, Tune, load_recipe
@@ -55,7 +56,7 @@ def apply_tune(model: nn.Module, tune: Tune, lora_rank: int = 0, lora_alpha: flo
     its batch-norm statistics (EfficientNet) stay as loaded; a frozen LLM stays in train mode
     (Llama has no dropout), because gradients still flow through it to the visual embeddings
     and gradient checkpointing only acts on modules in train mode. With `lora_rank`, a trained
-    LLM gets low-rank adapters and its own weights stay frozen. Returns trainable counts."""
+    LLM gets PEFT LoRA adapters and its own weights stay frozen. Returns trainable counts."""
     from dragonfly_med.lora import add_lora
 
     model.train()
@@ -66,8 +67,7 @@ def apply_tune(model: nn.Module, tune: Tune, lora_rank: int = 0, lora_alpha: flo
         if not trainable and name == "vision_encoder":
             part.eval()
         if trainable and name == "llm" and lora_rank:
-            part.requires_grad_(False)
-            add_lora(part, lora_rank, lora_alpha)
+            add_lora(part, lora_rank, lora_alpha)  # freezes the LLM's own weights
         # ZeRO-3 partitions parameters while loading: ds_numel is the full size
         counts[name] = sum(getattr(p, "ds_numel", p.numel()) for p in part.parameters() if p.requires_grad)
     return counts
@@ -284,11 +284,11 @@ def configure_deepspeed(accelerator, recipe: Recipe, accum: int) -> None:
 
 def save_final(accelerator, model, processor, recipe: Recipe, paths: RunPaths, steps: int, init: str) -> None:
     """final/ is a plain model folder (LoRA merged in) that `load_model` reads. The LLM's change
-    since the tiny default also goes to final/lora.safetensors, as low-rank adapters (earlier
-    stages' adapters, read from the init folder, followed by this stage's), while it is one:
-    a stage that trains the LLM's full weights ends the chain."""
+    since the tiny default also goes to final/adapter/, as one PEFT LoRA adapter (earlier stages'
+    adapters, read from the init folder, followed by this stage's; dragonfly_med/lora.py says
+    how), while it is one: a stage that trains the LLM's full weights ends the chain."""
     from dragonfly_med.lora import (
-        ADAPTER_FILE,
+        ADAPTER_DIR,
         adapters,
         concat_adapters,
         load_adapters,
@@ -297,8 +297,8 @@ def save_final(accelerator, model, processor, recipe: Recipe, paths: RunPaths, s
     )
 
     unwrapped = accelerator.unwrap_model(model)
-    previous = Path(init) / ADAPTER_FILE
-    chain = load_adapters(previous) if previous.is_file() and (recipe.lora_rank or not recipe.tune.llm) else None
+    previous = Path(init) / ADAPTER_DIR
+    chain = load_adapters(previous) if previous.is_dir() and (recipe.lora_rank or not recipe.tune.llm) else None
     if recipe.lora_rank:
         chain = concat_adapters(chain or {}, adapters(unwrapped.language_model))
         merge_lora(unwrapped.language_model)
@@ -309,7 +309,7 @@ def save_final(accelerator, model, processor, recipe: Recipe, paths: RunPaths, s
         unwrapped.save_pretrained(paths.final, state_dict=state_dict)
         processor.save_pretrained(paths.final)
         if chain:
-            save_adapters(chain, paths.final / ADAPTER_FILE)
+            save_adapters(chain, paths.final / ADAPTER_DIR)
         (paths.final / "README.md").write_text(
             f"# Dragonfly-Med, trained with recipe `{recipe.name}`\n\n{recipe.description}\n\n"
             f"Started from `{recipe.init_from}`; {steps} optimizer steps of {recipe.global_batch_size} samples; "
@@ -357,6 +357,7 @@ def train(recipe: Recipe, output: Path | None = None, resume: str | None = None)
     total_steps = min(len(mixture.steps), recipe.max_steps or len(mixture.steps))
 
     init = resolve_init(recipe)
+    require_converted(Path(init))  # before training: its adapters would be dropped from the chain
     zero3 = zero_stage(accelerator) == 3
     if zero3 and recipe.lora_rank:
         raise ValueError("LoRA (lora_rank > 0) is not supported with ZeRO-3; use ZeRO-2 or train full weights")
