@@ -28,8 +28,7 @@ from app.log import ImageRecord, SessionLog, TurnRecord, utcnow
 from app.overlay import draw_grids
 from app.teaching import pixel_identifier_warning, teaching_html
 from dragonfly_med.chat import SamplingParams
-from dragonfly_med.geometry import CropPlan
-from dragonfly_med.ingest import (
+from dragonfly_med.imaging.ingest import (
     IngestLimits,
     InvalidRequestError,
     LoadedImage,
@@ -37,8 +36,9 @@ from dragonfly_med.ingest import (
     _size_text,
     load_image,
 )
+from dragonfly_med.imaging.series import SeriesSet, load_slice, open_upload
+from dragonfly_med.model.geometry import CropPlan
 from dragonfly_med.relevance import METHOD, Explainer, Relevance, TurnSnapshot, snapshot
-from dragonfly_med.series import SeriesSet, load_slice, open_upload
 
 NO_IMAGE_HINT = "Text-only conversation: load an image to ask about it."
 EXPLAIN_TIMEOUT_S = 120  # a relevance pass waits for the engine behind other users' answers

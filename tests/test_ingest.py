@@ -20,7 +20,7 @@ import pydicom.data
 import pytest
 from PIL import Image
 
-from dragonfly_med.ingest import (
+from dragonfly_med.imaging.ingest import (
     WINDOW_PRESETS,
     CorruptFileError,
     EmptyFileError,

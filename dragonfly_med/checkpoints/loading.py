@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BitsAndBytesConfig
 
-from .configuration_dragonfly import DragonflyConfig
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
 
 HUB_ALIASES = {
     "dragonfly-med-v2": "togethercomputer/Llama-3.1-8B-Dragonfly-Med-v2",
@@ -99,11 +99,11 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """A local directory for a model name: tiny cache, an existing path, or a hub snapshot."""
     name = str(name_or_path)
     if name == "tiny":
-        from .tiny import tiny_model_dir
+        from dragonfly_med.checkpoints.tiny import tiny_model_dir
 
         return tiny_model_dir()
     if name == "tiny-base":
-        from .tiny import base_model_dir
+        from dragonfly_med.checkpoints.tiny import base_model_dir
 
         return base_model_dir()
     path = Path(name).expanduser()
@@ -132,7 +132,7 @@ def image_processor_for(directory: str | Path, config: DragonflyConfig):
     """Our image processor for a model directory: its saved `DragonflyImageProcessor` if any;
     else the released plain CLIP `preprocessor_config.json` (its mean/std, our geometry); else
     the vision tower's normalisation (CLIP's, or EfficientNet-Lite0's from its config)."""
-    from .image_processing_dragonfly import DragonflyImageProcessor
+    from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
 
     path = Path(directory) / "preprocessor_config.json"
     raw = json.loads(path.read_text()) if path.is_file() else {}
@@ -146,8 +146,8 @@ def image_processor_for(directory: str | Path, config: DragonflyConfig):
 def load_processor(directory: str | Path, config: DragonflyConfig):
     """The processor of a model directory: tokenizer + image processor + the prompt settings of
     the model config (prompt format, placeholder / separator / eos tokens)."""
-    from .processing_dragonfly import DragonflyProcessor
-    from .released import has_tokenizer, no_tokenizer_message
+    from dragonfly_med.checkpoints.released import has_tokenizer, no_tokenizer_message
+    from dragonfly_med.model.processing_dragonfly import DragonflyProcessor
 
     if not has_tokenizer(directory):
         raise FileNotFoundError(no_tokenizer_message(directory))
@@ -166,8 +166,12 @@ def load_model(
     device_map: str | dict | None = None,
 ):
     """Load a Dragonfly model and its processor -> (model, processor), model in eval mode."""
-    from .modeling_dragonfly import DragonflyForConditionalGeneration
-    from .released import is_released_layout, load_released, read_config_json
+    from dragonfly_med.checkpoints.released import (
+        is_released_layout,
+        load_released,
+        read_config_json,
+    )
+    from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
     directory = resolve_model_dir(name_or_path)
     model_type = read_config_json(directory).get("model_type")

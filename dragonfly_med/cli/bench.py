@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .timing import median_s, write_section
+from dragonfly_med.cli.timing import median_s, write_section
 
 PREPROCESS_SIZES = ((512, 512), (2000, 800), (4000, 3000))
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 SECTION = "## Model"
 
 
@@ -101,8 +101,8 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
 
 
 def bench_preprocess(repeats: int = 7) -> dict[str, Any]:
-    from .configuration_dragonfly import named_geometry
-    from .image_processing_dragonfly import DragonflyImageProcessor
+    from dragonfly_med.model.configuration_dragonfly import named_geometry
+    from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
 
     processor = DragonflyImageProcessor(geometry=named_geometry("dragonfly-med-v2"))
     clip = _clip_processor(processor.crop_size)
@@ -135,8 +135,11 @@ def released_shaped_model(vision_layers: int, text_layers: int = 1):
     """Real CLIP-L/14@336 widths and projector (1024 -> 4096), random weights, reduced depth."""
     from transformers import LlamaConfig
 
-    from .configuration_dragonfly import DragonflyConfig, released_clip_vision_config
-    from .modeling_dragonfly import DragonflyForConditionalGeneration
+    from dragonfly_med.model.configuration_dragonfly import (
+        DragonflyConfig,
+        released_clip_vision_config,
+    )
+    from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
     vision = released_clip_vision_config()
     vision.num_hidden_layers = vision_layers
@@ -200,7 +203,7 @@ def fresh_process_load() -> tuple[float, float]:
     """(imports, load) seconds in a new Python process: what a user restarting the app waits."""
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", FRESH_LOAD], cwd=root, capture_output=True, text=True, check=True
     )
@@ -209,8 +212,8 @@ def fresh_process_load() -> tuple[float, float]:
 
 
 def bench_tiny(max_new_tokens: int = 32) -> dict[str, Any]:
-    from .chat import ChatEngine, SamplingParams
-    from .tiny import tiny_model_dir
+    from dragonfly_med.chat import ChatEngine, SamplingParams
+    from dragonfly_med.checkpoints.tiny import tiny_model_dir
 
     tiny_model_dir()  # build the converted cache first if needed: a warm load is measured
     imports_s, load_s = fresh_process_load()
@@ -276,7 +279,7 @@ def markdown(results: dict[str, Any]) -> str:
     """The `## Model` section of docs/benchmarks.md."""
     lines = [
         SECTION,
-        "`python -m dragonfly_med bench --docs` (`dragonfly_med/bench.py`). Machine: "
+        "`python -m dragonfly_med bench --docs` (`dragonfly_med/cli/bench.py`). Machine: "
         + results["machine"]
         + ". Other jobs share this CPU, so absolute timings vary by up to ~2x between runs;"
         " each ratio compares timings taken in the same run.",

@@ -1,4 +1,4 @@
-"""Ingestion benchmark: `python -m dragonfly_med.bench_ingest` (a few seconds on 2 CPU cores).
+"""Ingestion benchmark: `python -m dragonfly_med.cli.bench_ingest` (a few seconds on 2 CPU cores).
 
 1. Decode + window a 512x512 CT slice end to end (`load_image`, soft-tissue preset): an
    uncompressed slice built from pydicom's CT_small (upsampled 4x), and pydicom's own 512x512
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dragonfly_med.ingest import load_image
-from dragonfly_med.timing import median_s
+from dragonfly_med.cli.timing import median_s
+from dragonfly_med.imaging.ingest import load_image
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

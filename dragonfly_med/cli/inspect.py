@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from dragonfly_med.ingest import (
+from dragonfly_med.imaging.ingest import (
     WINDOW_PRESETS,
     IngestError,
     InvalidRequestError,
@@ -100,7 +100,7 @@ def _header(path: str) -> dict[str, str]:
 
     import pydicom
 
-    from dragonfly_med.deid import safe_header_summary
+    from dragonfly_med.imaging.deid import safe_header_summary
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

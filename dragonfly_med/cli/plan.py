@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .geometry import CropPlan, Geometry, parse_size, plan_crops
+from dragonfly_med.model.geometry import CropPlan, Geometry, parse_size, plan_crops
 
 EXIT_REFUSED = 2
 
@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def geometry_for(model: str) -> Geometry:
     """The geometry of a model name or directory, without building the model."""
-    from .configuration_dragonfly import named_geometry
-    from .loading import HUB_ALIASES
+    from dragonfly_med.checkpoints.loading import HUB_ALIASES
+    from dragonfly_med.model.configuration_dragonfly import named_geometry
 
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -38,8 +38,8 @@ def geometry_for(model: str) -> Geometry:
     if raw.get("geometry"):
         return Geometry.from_dict(raw["geometry"])
     if raw.get("model_type") == "dragonfly":
-        from .configuration_dragonfly import released_v2_geometry
-        from .released import released_vision_config
+        from dragonfly_med.checkpoints.released import released_vision_config
+        from dragonfly_med.model.configuration_dragonfly import released_v2_geometry
 
         return released_v2_geometry(released_vision_config(raw))
     raise ValueError(f"{path} has no Dragonfly config.json")
@@ -52,7 +52,7 @@ def image_size(source: str) -> tuple[int, int]:
         if min(size) <= 0:
             raise ValueError(f"size must be positive, got {source}")
         return size
-    from .ingest import load_image
+    from dragonfly_med.imaging.ingest import load_image
 
     return load_image(source).image.size
 

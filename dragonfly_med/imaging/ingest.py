@@ -11,7 +11,7 @@ DICOM greyscale pipeline (PS3.3 C.11 / PS3.4 N.2):
 Colour: YBR is converted to RGB by the decoder, PALETTE COLOR goes through its LUT.
 
 Facts carry no patient identity (name, IDs, dates of birth, addresses, accession numbers,
-institutions, physicians or UIDs): see `ImageFacts` and `dragonfly_med.deid`.
+institutions, physicians or UIDs): see `ImageFacts` and `dragonfly_med.imaging.deid`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Series ingestion: several DICOM files, a .zip or a CD folder -> ordered series of slices.
 
 `open_upload(sources, limits)` takes the bytes of everything a clinician uploaded at once and
-returns either the one file itself (a single DICOM or photo: `dragonfly_med.ingest.load_image`
+returns either the one file itself (a single DICOM or photo: `dragonfly_med.imaging.ingest.load_image`
 handles it) or a `SeriesSet`: the images grouped by SeriesInstanceUID, each series ordered by
 position along its slice normal (then InstanceNumber) and checked whole, before any pixel is
 decoded. `load_slice(series, index)` then decodes one slice through `load_image`, so windows,
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dragonfly_med.ingest import (
+from dragonfly_med.imaging.ingest import (
     _PIXEL_KEYWORDS,
     CorruptFileError,
     ImageFacts,

@@ -13,8 +13,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .efficientnet_lite import EfficientNetLite0Config
-from .geometry import Geometry
+from dragonfly_med.model.efficientnet_lite import EfficientNetLite0Config
+from dragonfly_med.model.geometry import Geometry
 
 RELEASED_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 # The released v2 pools each medium/high crop's patch grid by 4 per side (24x24 -> 6x6).

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .geometry import CropPlan, Geometry, plan_crops
+from dragonfly_med.model.geometry import CropPlan, Geometry, plan_crops
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a photo is to be turned for display
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -116,7 +116,7 @@ class DragonflyImageProcessor(BaseImageProcessor):
         kwargs.pop("image_processor_type", None)
         super().__init__(**kwargs)
         if geometry is None:  # the released geometry, derived from its CLIP tower's config
-            from .configuration_dragonfly import named_geometry
+            from dragonfly_med.model.configuration_dragonfly import named_geometry
 
             geometry = named_geometry("dragonfly-med-v2")
         self.geometry = geometry.to_dict() if isinstance(geometry, Geometry) else dict(geometry)

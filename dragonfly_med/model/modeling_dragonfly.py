@@ -22,8 +22,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_dragonfly import DragonflyConfig
-from .vision import build_vision_tower
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.model.vision import build_vision_tower
 
 
 class DragonflyPreTrainedModel(PreTrainedModel):

@@ -30,8 +30,8 @@ from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .geometry import CropPlan
-from .image_processing_dragonfly import DragonflyImageProcessor
+from dragonfly_med.model.geometry import CropPlan
+from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ def _register_auto_classes() -> None:
     """Let `AutoProcessor` / `AutoImageProcessor.from_pretrained(dir)` find our classes."""
     from transformers import AutoImageProcessor, AutoProcessor
 
-    from .configuration_dragonfly import DragonflyConfig
+    from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
 
     AutoImageProcessor.register(
         DragonflyConfig, image_processor_classes={"pil": DragonflyImageProcessor}, exist_ok=True

@@ -13,7 +13,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedConfig
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
 
-from .efficientnet_lite import EfficientNetLite0, EfficientNetLite0Config
+from dragonfly_med.model.efficientnet_lite import EfficientNetLite0, EfficientNetLite0Config
 
 
 class ClipVisionTower(CLIPVisionModel):

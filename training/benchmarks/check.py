@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.data import Record, read_records, resolve_spec
-from training.recipe import load_recipe
+from training.engine.mixture import Record, read_records, resolve_spec
+from training.engine.recipe import load_recipe
 
 EXAMPLES = 5
 
@@ -72,10 +72,10 @@ def check_records(records: list[Record], processor=None, max_seq_length: int | N
 
 def load_processor(model: str):
     """The processor of a model name/folder without loading its weights."""
-    from dragonfly_med.configuration_dragonfly import DragonflyConfig
-    from dragonfly_med.loading import load_processor as load
-    from dragonfly_med.loading import resolve_model_dir
-    from dragonfly_med.released import is_released_layout, released_config
+    from dragonfly_med.checkpoints.loading import load_processor as load
+    from dragonfly_med.checkpoints.loading import resolve_model_dir
+    from dragonfly_med.checkpoints.released import is_released_layout, released_config
+    from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
 
     directory = resolve_model_dir(model)
     config = released_config(directory) if is_released_layout(directory) else DragonflyConfig.from_pretrained(directory)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     datasets: dict[str, list[Record]] = {}
     max_len, model = args.max_seq_length, args.model
     if args.recipe:
-        from training.trainer import resolve_init
+        from training.engine.trainer import resolve_init
 
         recipe = load_recipe(args.recipe, args.overrides)
         for spec in recipe.datasets:

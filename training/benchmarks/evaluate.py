@@ -19,9 +19,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.convert import BENCHMARKS
-from training.data import Record, read_records
-from training.metrics import caption_metrics, vqa_metrics
+from training.benchmarks.convert import BENCHMARKS
+from training.benchmarks.metrics import caption_metrics, vqa_metrics
+from training.engine.mixture import Record, read_records
 
 # (metric key, label) per task, in the paper's row order.
 METRICS = {

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dragonfly_med.geometry import Geometry, plan_crops
-from training.data import read_records
+from dragonfly_med.model.geometry import Geometry, plan_crops
+from training.engine.mixture import read_records
 
 THRESHOLDS = (1.0, 2.0, 4.0)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dragonfly_med.configuration_dragonfly import named_geometry
+    from dragonfly_med.model.configuration_dragonfly import named_geometry
 
     sizes = image_sizes(args.data, args.image_root)
     if not sizes:

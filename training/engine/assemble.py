@@ -28,9 +28,9 @@ def assemble(llm: str, vision: str, output: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
-    from dragonfly_med.configuration_dragonfly import DragonflyConfig
-    from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
-    from dragonfly_med.processing_dragonfly import DragonflyProcessor
+    from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
+    from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
+    from dragonfly_med.model.processing_dragonfly import DragonflyProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(llm)
     ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, SEPARATOR_TOKEN, EOS_TOKEN])

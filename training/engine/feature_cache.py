@@ -37,8 +37,8 @@ def tower_fingerprint(model) -> str:
 
 def full_levels(image_processor):
     """The same image processor with every level on (the ablation's processors drop some)."""
-    from dragonfly_med.geometry import LEVELS
-    from dragonfly_med.image_processing_dragonfly import DragonflyImageProcessor
+    from dragonfly_med.model.geometry import LEVELS
+    from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
 
     geometry = image_processor.geometry_obj
     if geometry.levels == LEVELS:
@@ -52,7 +52,7 @@ def full_levels(image_processor):
 
 
 def default_cache_dir() -> Path:
-    from dragonfly_med.tiny import cache_root
+    from dragonfly_med.checkpoints.tiny import cache_root
 
     return cache_root() / "tower-features"
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.recipe import DatasetSpec, Recipe
+from training.engine.recipe import DatasetSpec, Recipe
 
 # Instructions for caption-only records (the release drew one at random per use; we draw by
 # the record's id so that a record always reads the same).
@@ -174,7 +174,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def resolve_spec(spec: DatasetSpec, data_root: Path) -> tuple[Path, Path | None]:
     """The data file and image root of a mixture entry; `builtin:` data is generated on first use."""
     if spec.path.startswith("builtin:"):
-        from training.tiny_data import ensure_builtin
+        from training.engine.builtin_data import ensure_builtin
 
         return ensure_builtin(spec.path.removeprefix("builtin:"))
     path = Path(spec.path) if Path(spec.path).is_absolute() else data_root / spec.path

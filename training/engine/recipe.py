@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 SCHEDULERS = ("cosine", "linear", "constant")
 
 

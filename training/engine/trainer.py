@@ -3,7 +3,7 @@
     python -m training run --recipe tiny-med-stage1 --max-steps 2 --output runs/x
     accelerate launch --config_file training/accelerate/zero2.yaml -m training run --recipe med-stage2
 
-The whole run is planned before the first step (training/data.py): every optimizer step's global
+The whole run is planned before the first step (training/engine/mixture.py): every optimizer step's global
 batch is fixed by the seed, and each process takes its slice of it. A run's position is then a
 step index, so a checkpoint (model, optimizer, scheduler, RNG states, step) resumes exactly: the
 resumed run computes the same losses as an uninterrupted one. What we do differently from the
@@ -32,9 +32,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from training.data import Mixture, build_mixture
-from training.feature_cache import FeatureCache, default_cache_dir
-from training.recipe import Recipe, Tune, load_recipe
+from training.engine.feature_cache import FeatureCache, default_cache_dir
+from training.engine.mixture import Mixture, build_mixture
+from training.engine.recipe import Recipe, Tune, load_recipe
 
 FINAL_DIR = "final"  # the model `load_model` / `--model` reads, inside the run folder
 CHECKPOINTS_DIR = "checkpoints"
@@ -230,9 +230,9 @@ def resolve_init(recipe: Recipe) -> str:
 def load_for_training(name: str):
     """(model, processor) like `load_model`, but in fp32 on the CPU and without a device map:
     `accelerator.prepare` places it (each process on its own GPU), and ZeRO-3 refuses device maps."""
-    from dragonfly_med.loading import load_processor, resolve_model_dir
-    from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
-    from dragonfly_med.released import is_released_layout, load_released
+    from dragonfly_med.checkpoints.loading import load_processor, resolve_model_dir
+    from dragonfly_med.checkpoints.released import is_released_layout, load_released
+    from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
     directory = resolve_model_dir(name)
     if is_released_layout(directory):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.offline_med_catalogue import catalogue, load_views
-from training.offline_med_questions import (
+from training.offline_med.catalogue import catalogue, load_views
+from training.offline_med.questions import (
     Balancer,
     Sample,
     atlas_sample,
@@ -36,7 +36,7 @@ from training.offline_med_questions import (
     multi_turn_sample,
     truths_present,
 )
-from training.offline_med_sources import (
+from training.offline_med.sources import (
     SCALES,
     Scale,
     Source,

@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from training.offline_med_sources import (
+from training.offline_med.sources import (
     MRICRON_TEMPLATES,
     Scale,
     Source,

@@ -1,9 +1,9 @@
 """Score a model on the offline-med test split, next to two baselines measured in the same run.
 
-    python -m training eval --benchmark offline-med --model tiny --json        # via training/evaluate.py
+    python -m training eval --benchmark offline-med --model tiny --json        # via training/benchmarks/evaluate.py
     python -m training eval --benchmark offline-med --model runs/x/final --data runs/offline-med --json
 
-Metrics are the paper's VQA metrics (training/metrics.py): closed-question accuracy and token
+Metrics are the paper's VQA metrics (training/benchmarks/metrics.py): closed-question accuracy and token
 F1 over all questions, overall and per family, as fractions in [0, 1]. offline-med answers with
 the evidence first ("This is a CT, so no."), so closed accuracy scores the option an answer
 commits to after its evidence (`committed_answer`) against the record's `truth`;
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from training.feature_cache import FeatureCache, default_cache_dir
-from training.metrics import closed_accuracy, mean_token_f1, normalize_answer
-from training.offline_med import DEFAULT_DATA, add_data_argument, ensure_built
+from training.benchmarks.metrics import closed_accuracy, mean_token_f1, normalize_answer
+from training.engine.feature_cache import FeatureCache, default_cache_dir
+from training.offline_med.build import DEFAULT_DATA, add_data_argument, ensure_built
 
 # Families the builder can emit (docs/offline-med.md); absent ones are reported with n = 0.
 FAMILIES = (
@@ -307,7 +307,7 @@ def answer_all(
 
 def untrained_tiny():
     """(model, processor) of the untrained tiny model: the `untrained_projector` baseline."""
-    from dragonfly_med.loading import load_model
+    from dragonfly_med.checkpoints.loading import load_model
 
     return load_model("tiny-base", dtype=torch.float32, device_map="cpu")
 
@@ -428,7 +428,7 @@ def table(result: dict) -> str:
     return (
         "\n".join(lines)
         + "\n\ncells: closed accuracy % / token F1 %; '-': no such questions in the sample. probe ceiling:"
-        " a linear read-out of the frozen tower's features on the same questions (training/probe_ceilings.py);"
+        " a linear read-out of the frozen tower's features on the same questions (training/tiny/probe_ceilings.py);"
         " yes rate: the model's share of 'yes' answers to yes/no questions (the truth's in brackets).\n"
     )
 
@@ -469,7 +469,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dragonfly_med.loading import load_model
+    from dragonfly_med.checkpoints.loading import load_model
 
     ensure_built(args.data)
     model, processor = load_model(args.model, dtype=torch.float32, device_map="cpu")

@@ -26,7 +26,7 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from training.offline_med_render import (
+from training.offline_med.render import (
     QUADRANTS,
     TEXTURES,
     WINDOWS,
@@ -40,7 +40,7 @@ from training.offline_med_render import (
     random_label,
     upsample_canvas,
 )
-from training.offline_med_sources import View
+from training.offline_med.sources import View
 
 MODALITIES = ("CT", "MRI", "X-ray", "ultrasound", "fundus photograph", "histology")
 REGIONS = ("head", "chest", "abdomen", "eye", "tissue")

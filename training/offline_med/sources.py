@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.offline_med_render import WINDOWS, apply_window, autocontrast
+from training.offline_med.render import WINDOWS, apply_window, autocontrast
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 DISPLAY_SIDE = 384  # longest side of ordinary views; fine-detail canvases are made larger later

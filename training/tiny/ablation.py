@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from training.offline_med import add_data_argument, ensure_built
-from training.reproduce import LORA_ALPHA, LORA_RANK
-from training.trainer import fast_precision
+from training.engine.trainer import fast_precision
+from training.offline_med.build import add_data_argument, ensure_built
+from training.tiny.reproduce import LORA_ALPHA, LORA_RANK
 
 VARIANTS: dict[str, tuple[str, ...]] = {
     "L": ("low",),
@@ -38,7 +38,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 COARSE = ("modality", "body_region", "plane", "window")
 RECIPE = "tiny-med-stage3"
 EPOCHS = 1  # one pass over each variant's samples, as in reproduce-tiny
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def write_train_files(data_dir: Path) -> tuple[str, str]:
@@ -119,11 +119,11 @@ def run_variant(
     """Train one variant with one seed (or reuse its result) and score it."""
     import torch
 
-    from dragonfly_med.loading import load_model
-    from dragonfly_med.tiny import base_model_dir
-    from training.offline_eval import answer_all
-    from training.recipe import load_recipe
-    from training.trainer import FINAL_DIR, train
+    from dragonfly_med.checkpoints.loading import load_model
+    from dragonfly_med.checkpoints.tiny import base_model_dir
+    from training.engine.recipe import load_recipe
+    from training.engine.trainer import FINAL_DIR, train
+    from training.offline_med.evaluate import answer_all
 
     folder = args.output / f"seed{seed}" / name.replace("+", "")
     result_path = folder / "result.json"
@@ -166,7 +166,7 @@ def run_variant(
 def variant_scores(rows: list[dict]) -> dict:
     """Closed accuracy (offline_eval.score: the option an answer commits to) on the fine-detail
     questions and on the coarse ones, plus the strict whole-answer match for reference."""
-    from training.offline_eval import score
+    from training.offline_med.evaluate import score
 
     fine = score([r for r in rows if r["family"] == "fine_detail"])
     coarse = score([r for r in rows if r["family"] in COARSE])
@@ -182,7 +182,7 @@ def variant_scores(rows: list[dict]) -> dict:
 
 def rescored(result_path: Path, data_dir: Path) -> dict:
     """A cached variant result with its scores recomputed from its saved predictions."""
-    from training.offline_eval import with_options
+    from training.offline_med.evaluate import with_options
 
     result = json.loads(result_path.read_text())
     predictions = result_path.parent / "predictions.jsonl"
@@ -302,7 +302,7 @@ def markdown(summary: dict) -> str:
     spread = 100 * (max(coarse) - min(coarse)) if coarse else 0.0
     return f"""# Zoom-in ablation in miniature (paper tables 1 and 3)
 
-`{command} --json` (code: `training/ablation.py`). The tiny recipe
+`{command} --json` (code: `training/tiny/ablation.py`). The tiny recipe
 `{summary["recipe"]}` is trained from the same starting model ({start_text(init)}) with the same budget ({summary["train_samples_per_variant"]} samples x {summary.get("epochs", "?")} epochs,
 half fine-detail half coarse closed questions drawn from {summary["train_pool"]} offline-med TRAIN
 questions, same order for every variant) for each geometry; only `Geometry.levels` differs.
@@ -402,7 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def test_questions(data_dir: Path, fine: int, coarse_per_family: int) -> list[dict]:
     """The fixed TEST questions every variant answers: closed only, drawn with seed 0."""
-    from training.offline_eval import load_split, subsample
+    from training.offline_med.evaluate import load_split, subsample
 
     closed = [r for r in load_split(data_dir, "test") if r["answer_type"] == "closed"]
     return subsample(closed, fine, ("fine_detail",)) + subsample(closed, coarse_per_family, COARSE)
@@ -416,8 +416,8 @@ def fine_probe_by_level(args: argparse.Namespace, records: list[dict], cache) ->
         return json.loads(path.read_text())
     import torch
 
-    from dragonfly_med.loading import load_model
-    from training.probe_ceilings import probe_ceilings
+    from dragonfly_med.checkpoints.loading import load_model
+    from training.tiny.probe_ceilings import probe_ceilings
 
     model, processor = load_model(str(args.init), dtype=torch.float32, device_map="cpu")
     fine = [r for r in records if r["family"] == "fine_detail"]
@@ -428,7 +428,7 @@ def fine_probe_by_level(args: argparse.Namespace, records: list[dict], cache) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.feature_cache import FeatureCache, default_cache_dir
+    from training.engine.feature_cache import FeatureCache, default_cache_dir
 
     ensure_built(args.data)
     files = write_train_files(args.data)

@@ -48,7 +48,7 @@ def micro_batches(way: str) -> list[list[list[tuple[str, str]]]]:
 def step_seconds(model, processor, cache, path: Path, image, way: str) -> tuple[float, int]:
     """Forward and backward of one optimizer step's micro-batches, each projecting the cached
     tower features anew through the trainer's own `cached_embeds`; (seconds, answers trained)."""
-    from training.trainer import MODEL_INPUTS, answer_loss, cached_embeds, cpu_runs_bf16
+    from training.engine.trainer import MODEL_INPUTS, answer_loss, cached_embeds, cpu_runs_bf16
 
     answers, started = 0, time.perf_counter()
     for conversations in micro_batches(way):
@@ -64,12 +64,12 @@ def step_seconds(model, processor, cache, path: Path, image, way: str) -> tuple[
 
 
 def bench_training_step(repeats: int) -> dict[str, Any]:
-    from dragonfly_med.bench import photo
-    from dragonfly_med.tiny import base_model_dir
-    from training.feature_cache import FeatureCache
-    from training.recipe import Tune
-    from training.reproduce import LORA_ALPHA, LORA_RANK
-    from training.trainer import apply_tune, cpu_runs_bf16, load_for_training
+    from dragonfly_med.checkpoints.tiny import base_model_dir
+    from dragonfly_med.cli.bench import photo
+    from training.engine.feature_cache import FeatureCache
+    from training.engine.recipe import Tune
+    from training.engine.trainer import apply_tune, cpu_runs_bf16, load_for_training
+    from training.tiny.reproduce import LORA_ALPHA, LORA_RANK
 
     model, processor = load_for_training(str(base_model_dir()))
     apply_tune(model, Tune(projector=True, vision_encoder=False, llm=True), LORA_RANK, LORA_ALPHA)
@@ -106,7 +106,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(
         [
             SECTION,
-            "`python -m training bench-step --docs` (`training/bench_step.py`). Machine: " + results["machine"] + ".",
+            "`python -m training bench-step --docs` (`training/tiny/bench_step.py`). Machine: " + results["machine"] + ".",
             f"Tiny model with rank-16 LoRA, {results['precision']}, cached tower features, a step of two samples about",
             f"a 1024 x 1024 photo; forward + backward, median of {results['repeats']} round-robin repeats.",
             "",
@@ -129,8 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dragonfly_med.bench import DOCS, machine
-    from dragonfly_med.timing import write_section
+    from dragonfly_med.cli.bench import DOCS, machine
+    from dragonfly_med.cli.timing import write_section
 
     stdout, sys.stdout = sys.stdout, sys.stderr  # keep stdout for the JSON
     try:

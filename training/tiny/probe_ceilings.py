@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.feature_cache import FeatureCache, ImageFeatures, default_cache_dir
-from training.offline_med_questions import MODALITIES, PLANES, REGIONS
-from training.offline_med_render import TEXTURES, WINDOWS
+from training.engine.feature_cache import FeatureCache, ImageFeatures, default_cache_dir
+from training.offline_med.questions import MODALITIES, PLANES, REGIONS
+from training.offline_med.render import TEXTURES, WINDOWS
 
 LEVELS = ("low", "medium", "high")
 VOCABULARY = {
@@ -151,7 +151,7 @@ def probe_ceilings(
     """Ceilings on `held_out` (the evaluation's drawn records): {"ceilings": {family: accuracy},
     "n": {family: questions probed}, "fine_detail_by_level": {"low+medium+high": accuracy, ...}}.
     Classifiers are trained on `data_dir`'s train.jsonl; every family reads all three levels."""
-    from training.offline_eval import load_split
+    from training.offline_med.evaluate import load_split
 
     cache = cache or FeatureCache(default_cache_dir())
     train = [q for q in map(as_question, load_split(data_dir, "train")) if q is not None]

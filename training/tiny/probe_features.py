@@ -4,7 +4,7 @@ held-out images, read out by linear classifiers.
     python -m training probe-features [--split test] [--out F.json]   # per-family ceilings on the eval's questions
     python -m training probe-features --by-source [--levels low medium high]   # modality/region per held-out source
 
-The default reads out the evaluation's own drawn questions (`training/probe_ceilings.py`); its
+The default reads out the evaluation's own drawn questions (`training/tiny/probe_ceilings.py`); its
 JSON is what `eval --probe` reads. `--by-source` is the source-level probe below.
 
 Why: the tiny model must name the modality and body region of held-out offline-med sources, and
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from training.offline_med_catalogue import catalogue, load_views
-from training.offline_med_sources import SCALES
+from training.offline_med.catalogue import catalogue, load_views
+from training.offline_med.sources import SCALES
 
 FAMILIES = ("modality", "body_region")
 LEVELS = ("low", "medium", "high")
@@ -51,10 +51,16 @@ def tiny_tower_and_processor(levels: tuple[str, ...] = LEVELS):
     from the packaged weights alone: the LLM is not needed to probe the tower. The processor's
     geometry keeps only the probed levels (and the low view, which every geometry has), so no
     crop is cut that the probe does not read."""
-    from dragonfly_med.configuration_dragonfly import tiny_geometry
-    from dragonfly_med.efficientnet_lite import EfficientNetLite0Config, load_pretrained_state_dict
-    from dragonfly_med.image_processing_dragonfly import DragonflyImageProcessor, normalization_for
-    from dragonfly_med.vision import build_vision_tower
+    from dragonfly_med.model.configuration_dragonfly import tiny_geometry
+    from dragonfly_med.model.efficientnet_lite import (
+        EfficientNetLite0Config,
+        load_pretrained_state_dict,
+    )
+    from dragonfly_med.model.image_processing_dragonfly import (
+        DragonflyImageProcessor,
+        normalization_for,
+    )
+    from dragonfly_med.model.vision import build_vision_tower
 
     config = EfficientNetLite0Config()
     tower = build_vision_tower(config)
@@ -138,8 +144,8 @@ def fit_and_score(views: list[ProbedView], family: str, levels: tuple[str, ...],
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.offline_eval import PER_FAMILY
-    from training.offline_med import add_data_argument
+    from training.offline_med.build import add_data_argument
+    from training.offline_med.evaluate import PER_FAMILY
 
     add_data_argument(parser)
     parser.add_argument("--split", default="test", choices=["test", "val"], help="whose questions the ceilings are measured on")
@@ -157,10 +163,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_ceilings(args: argparse.Namespace) -> int:
     """Per-family ceilings on the evaluation's questions, printed and written for `eval --probe`."""
-    from dragonfly_med.loading import load_model
-    from training.offline_eval import load_split, subsample
-    from training.offline_med import ensure_built
-    from training.probe_ceilings import probe_ceilings, write_ceilings
+    from dragonfly_med.checkpoints.loading import load_model
+    from training.offline_med.build import ensure_built
+    from training.offline_med.evaluate import load_split, subsample
+    from training.tiny.probe_ceilings import probe_ceilings, write_ceilings
 
     ensure_built(args.data)
     model, processor = load_model("tiny-base", dtype=torch.float32, device_map="cpu")

