@@ -12,7 +12,7 @@ from offline_med_fake import write_fake_offline_med
 
 from dragonfly_med.checkpoints.loading import load_model
 from dragonfly_med.checkpoints.tiny import base_model_dir
-from training.engine.mixture import read_records
+from training.engine.records import read_records
 from training.tiny.replay_text import (
     ensure_replay,
     generate_answers,

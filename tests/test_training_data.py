@@ -14,8 +14,9 @@ from PIL import Image
 from training.__main__ import main
 from training.benchmarks.convert import convert, report_section
 from training.benchmarks.dedup import dedup
-from training.engine.mixture import Record, build_mixture, join_per_image, plan_steps, read_records
+from training.engine.mixture import build_mixture, join_per_image, plan_steps
 from training.engine.recipe import DatasetSpec, load_recipe
+from training.engine.records import Record, read_records
 
 
 def image(path, size=(8, 6), color=(10, 20, 30)):

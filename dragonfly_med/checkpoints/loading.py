@@ -13,7 +13,6 @@ and the LM head stay in `dtype`, as the released model was trained with them unq
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -128,32 +127,18 @@ def default_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def image_processor_for(directory: str | Path, config: DragonflyConfig):
-    """Our image processor for a model directory: its saved `DragonflyImageProcessor` if any;
-    else the released plain CLIP `preprocessor_config.json` (its mean/std, our geometry); else
-    the vision tower's normalisation (CLIP's, or EfficientNet-Lite0's from its config)."""
-    from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
-
-    path = Path(directory) / "preprocessor_config.json"
-    raw = json.loads(path.read_text()) if path.is_file() else {}
-    if raw.get("image_processor_type") == DragonflyImageProcessor.__name__:
-        return DragonflyImageProcessor.from_pretrained(directory)
-    if raw:
-        return DragonflyImageProcessor.from_clip_config(raw, config.get_geometry())
-    return DragonflyImageProcessor.from_model_config(config)
-
-
 def load_processor(directory: str | Path, config: DragonflyConfig):
     """The processor of a model directory: tokenizer + image processor + the prompt settings of
     the model config (prompt format, placeholder / separator / eos tokens)."""
     from dragonfly_med.checkpoints.released import has_tokenizer, no_tokenizer_message
+    from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
     from dragonfly_med.model.processing_dragonfly import DragonflyProcessor
 
     if not has_tokenizer(directory):
         raise FileNotFoundError(no_tokenizer_message(directory))
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return DragonflyProcessor.from_model_config(
-        config, tokenizer=tokenizer, image_processor=image_processor_for(directory, config)
+        config, tokenizer=tokenizer, image_processor=DragonflyImageProcessor.from_model_dir(directory, config)
     )
 
 

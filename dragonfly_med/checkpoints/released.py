@@ -163,7 +163,7 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
     """Released layout -> our format (safetensors, `DragonflyConfig`, tokenizer, processor files)."""
     from transformers import AutoTokenizer
 
-    from dragonfly_med.checkpoints.loading import image_processor_for
+    from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
 
     src, out = Path(src), Path(out)
     if not is_released_layout(src):
@@ -175,7 +175,7 @@ def convert(src: str | Path, out: str | Path, dtype: torch.dtype | None = None) 
     model.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(src)
     tokenizer.save_pretrained(out)
-    image_processor_for(src, model.config).save_pretrained(out)
+    DragonflyImageProcessor.from_model_dir(src, model.config).save_pretrained(out)
     return out
 
 

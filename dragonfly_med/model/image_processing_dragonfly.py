@@ -200,6 +200,22 @@ class DragonflyImageProcessor(BaseImageProcessor):
         """The processor a `DragonflyConfig` implies: its geometry and its tower's normalisation."""
         return cls(geometry=config.get_geometry(), **normalization_for(config.vision_config))
 
+    @classmethod
+    def from_model_dir(cls, directory: str | os.PathLike, config: Any) -> DragonflyImageProcessor:
+        """The processor of a model directory: its saved `DragonflyImageProcessor` if any; else the
+        released plain CLIP `preprocessor_config.json` (its mean/std, the config's geometry); else
+        the tower's normalisation (CLIP's, or EfficientNet-Lite0's from its config)."""
+        path = os.path.join(directory, "preprocessor_config.json")
+        raw = {}
+        if os.path.isfile(path):
+            with open(path) as file:
+                raw = json.load(file)
+        if raw.get("image_processor_type") == cls.__name__:
+            return cls.from_pretrained(directory)
+        if raw:
+            return cls.from_clip_config(raw, config.get_geometry())
+        return cls.from_model_config(config)
+
     # ----------------------------------------------------------------- planning
 
     def plan(self, image: ImageLike | tuple[int, int]) -> CropPlan:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from training.engine.mixture import Record, read_records, resolve_spec
+from training.engine.mixture import resolve_spec
 from training.engine.recipe import load_recipe
+from training.engine.records import Record, read_records
 
 EXAMPLES = 5
 

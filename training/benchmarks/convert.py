@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.engine.mixture import Record, record_to_llava, write_jsonl
+from training.engine.records import Record, record_to_llava, write_jsonl
 
 PROMPTS = {
     "iu-xray": "Write the findings and impression of the radiology report for this chest X-ray.",

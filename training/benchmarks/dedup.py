@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from training.engine.mixture import Record, read_records, record_to_llava, write_jsonl
+from training.engine.records import Record, read_records, record_to_llava, write_jsonl
 
 
 def file_digest(path: Path, cache: dict[Path, str]) -> str:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from training.benchmarks.convert import BENCHMARKS
 from training.benchmarks.metrics import caption_metrics, vqa_metrics
-from training.engine.mixture import Record, read_records
+from training.engine.records import Record, read_records
 
 # (metric key, label) per task, in the paper's row order.
 METRICS = {

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from dragonfly_med.model.geometry import Geometry, plan_crops
-from training.engine.mixture import read_records
+from training.engine.records import read_records
 
 THRESHOLDS = (1.0, 2.0, 4.0)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

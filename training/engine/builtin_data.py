@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.engine.mixture import write_jsonl
+from training.engine.records import write_jsonl
 
 VERSION = "v1"
 # name -> (file in the skimage/pydicom wheel, caption, modality, subject)

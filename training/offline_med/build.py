@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from training.engine.records import write_jsonl
 from training.offline_med.catalogue import catalogue, load_views
 from training.offline_med.questions import (
     Balancer,
@@ -136,12 +137,6 @@ class Writer:
         if sample.group:
             record["group"] = sample.group
         return record
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with path.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def build(out: Path, seed: int = 0, scale_name: str = "full") -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training.offline_med.build import write_jsonl
+from training.engine.records import write_jsonl
 
 COUNTS = (5, 10, 12, 15, 20, 25, 30, 40, 50, 100)
 TERMS = (
@@ -108,7 +108,7 @@ def replay_records(prompts: list[str], answers: list[str], images: list[str], se
 
 def training_images(data_dir: Path) -> list[str]:
     """The distinct images of the training split, relative to the data folder."""
-    from training.engine.mixture import read_records
+    from training.engine.records import read_records
 
     return sorted({str(r.image) for r in read_records(data_dir / "train.jsonl") if r.image is not None})
 
