@@ -30,16 +30,15 @@ from series_assets import (
     zip_bytes,
 )
 
-from dragonfly_med.imaging.ingest import (
+from dragonfly_med.imaging.errors import (
     CorruptFileError,
-    IngestLimits,
     InvalidRequestError,
+    InvalidSeriesError,
     TooLargeError,
     UnsupportedError,
-    load_image,
 )
+from dragonfly_med.imaging.ingest import IngestLimits, load_image
 from dragonfly_med.imaging.series import (
-    InvalidSeriesError,
     SeriesSet,
     SliceFacts,
     load_slice,

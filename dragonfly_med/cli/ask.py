@@ -45,7 +45,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dragonfly_med.imaging.ingest import IngestError, load_image
+    from dragonfly_med.imaging.errors import IngestError
+    from dragonfly_med.imaging.ingest import load_image
 
     try:
         image = load_image(args.image).image

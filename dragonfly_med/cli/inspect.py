@@ -13,13 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from dragonfly_med.imaging.ingest import (
-    WINDOW_PRESETS,
-    IngestError,
-    InvalidRequestError,
-    load_image,
-    parse_window,
-)
+from dragonfly_med.imaging.errors import IngestError, InvalidRequestError
+from dragonfly_med.imaging.ingest import load_image
+from dragonfly_med.imaging.windowing import WINDOW_PRESETS, parse_window
 
 EXIT_REFUSED = 2
 EXIT_INTERNAL = 1

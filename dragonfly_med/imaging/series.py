@@ -25,25 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from dragonfly_med.imaging.ingest import (
-    _PIXEL_KEYWORDS,
+from dragonfly_med.imaging.dicom_decode import PIXEL_KEYWORDS, read_header, sop_class_name
+from dragonfly_med.imaging.errors import (
     CorruptFileError,
-    ImageFacts,
     IngestError,
-    IngestLimits,
     InvalidRequestError,
-    LoadedImage,
+    InvalidSeriesError,
     TooLargeError,
     UnsupportedError,
-    _read_header,
-    _safe_description,
-    _size_text,
-    _sniff,
-    _sop_class_name,
-    _Source,
-    _text,
-    load_image,
+    size_text,
 )
+from dragonfly_med.imaging.facts import ImageFacts, safe_description
+from dragonfly_med.imaging.ingest import IngestLimits, LoadedImage, Source, load_image, sniff
+from dragonfly_med.imaging.values import as_int, text
 
 # More members than any CD holds: an archive of millions of empty entries is a bomb too.
 MAX_FILES = 20_000
@@ -57,10 +51,6 @@ _SAME_ORIENTATION = 1e-3
 _SAME_POSITION_MM = 0.01
 # A slice normal within this angle of an axis is named after that plane, else "oblique".
 _PLANE_TOLERANCE_DEG = 20.0
-
-
-class InvalidSeriesError(IngestError):
-    """Slices that do not make one series: mixed, missing, inconsistent sizes or orientations."""
 
 
 # ----------------------------------------------------------------------------- data types
@@ -247,8 +237,8 @@ def _unzip(data: bytes, budget: int) -> list[bytes]:
         declared = sum(i.file_size for i in members)
         if declared > budget:
             raise TooLargeError(
-                f"This archive expands to {_size_text(declared)} (from {_size_text(len(data))}), above what is "
-                f"left of the upload limit ({_size_text(max(budget, 0))}): put one series in it, or ask the "
+                f"This archive expands to {size_text(declared)} (from {size_text(len(data))}), above what is "
+                f"left of the upload limit ({size_text(max(budget, 0))}): put one series in it, or ask the "
                 "administrator to raise --max-upload-mb. An archive that expands far beyond its size may be a "
                 "zip bomb"
             )
@@ -289,7 +279,7 @@ def _os_artefact(name: str) -> bool:
 
 def _too_large(total: int, limits: IngestLimits) -> TooLargeError:
     return TooLargeError(
-        f"These files are {_size_text(total)} in all, above the limit of {_size_text(limits.max_file_bytes)}: "
+        f"These files are {size_text(total)} in all, above the limit of {size_text(limits.max_file_bytes)}: "
         "upload one series at a time, or ask the administrator to raise --max-upload-mb"
     )
 
@@ -306,7 +296,7 @@ def _sort(files: list[bytes]) -> _Sorted:
             found.not_dicom[what] = found.not_dicom.get(what, 0) + 1
             continue
         try:
-            ds = _read_header(_Source(None, data, len(data)))
+            ds = read_header(io.BytesIO(data))
         except UnsupportedError:
             found.not_dicom["unknown file"] = found.not_dicom.get("unknown file", 0) + 1
             continue
@@ -316,12 +306,12 @@ def _sort(files: list[bytes]) -> _Sorted:
         if "DirectoryRecordSequence" in ds:
             found.has_dicomdir = True
             _read_dicomdir(ds, found.dicomdir)
-        elif any(k in ds for k in _PIXEL_KEYWORDS):
+        elif any(k in ds for k in PIXEL_KEYWORDS):
             if _cut_short(ds, len(data)):
                 found.damaged += 1
             else:
                 found.images.append(_image(data, ds))
-        elif "Image Storage" in _sop_class_name(ds):  # an image whose pixel data was cut off
+        elif "Image Storage" in sop_class_name(ds):  # an image whose pixel data was cut off
             found.damaged += 1
         else:
             found.not_images += 1
@@ -335,7 +325,7 @@ def _cut_short(ds, size: int) -> bool:
     upload rather than failing later when the clinician slides to it."""
     from pydicom.dataelem import RawDataElement
 
-    for keyword in _PIXEL_KEYWORDS:
+    for keyword in PIXEL_KEYWORDS:
         if keyword in ds:
             raw = ds.get_item(keyword)
             if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:  # encapsulated: undefined length
@@ -348,7 +338,7 @@ def _kind(data: bytes) -> str:
     if not data:
         return "empty file"
     try:
-        kind = _sniff(_Source(None, data, len(data)))
+        kind = sniff(Source(None, data, len(data)))
     except UnsupportedError as exc:
         text = str(exc)
         for word, name in (("ZIP", "ZIP archive"), ("PDF", "PDF document"), ("gzip", "compressed archive"),
@@ -365,17 +355,17 @@ def _image(data: bytes, ds) -> _Image:
         patient=hashlib.sha256(f"{ds.get('PatientName', '')}|{ds.get('PatientID', '')}".encode()).hexdigest(),
         study_uid=str(ds.get("StudyInstanceUID") or ""),
         series_uid=str(ds.get("SeriesInstanceUID") or ""),
-        sop_uid=_text(ds.get("SOPInstanceUID")),
-        instance=_int(ds.get("InstanceNumber")),
-        rows=_int(ds.get("Rows")) or 0,
-        columns=_int(ds.get("Columns")) or 0,
-        frames=max(_int(ds.get("NumberOfFrames")) or 1, 1),
-        modality=_text(ds.get("Modality")),
+        sop_uid=text(ds.get("SOPInstanceUID")),
+        instance=as_int(ds.get("InstanceNumber")),
+        rows=as_int(ds.get("Rows")) or 0,
+        columns=as_int(ds.get("Columns")) or 0,
+        frames=max(as_int(ds.get("NumberOfFrames")) or 1, 1),
+        modality=text(ds.get("Modality")),
         orientation=_vector(ds.get("ImageOrientationPatient"), 6),
         position=_vector(ds.get("ImagePositionPatient"), 3),
         thickness=_float(ds.get("SliceThickness")),
-        series_number=_int(ds.get("SeriesNumber")),
-        description=_safe_description(ds, "SeriesDescription"),
+        series_number=as_int(ds.get("SeriesNumber")),
+        description=safe_description(ds, "SeriesDescription"),
     )
 
 
@@ -602,10 +592,3 @@ def _float(value: Any) -> float | None:
     except Exception:
         return None
     return out if math.isfinite(out) else None
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return None if value is None or value == "" else int(value)
-    except Exception:
-        return None
