@@ -7,25 +7,21 @@ position along its slice normal (then InstanceNumber) and checked whole, before 
 decoded. `load_slice(series, index)` then decodes one slice through `load_image`, so windows,
 frames, de-identification and errors are exactly those of a single file.
 
-Everything stays in memory (nothing is extracted to disk), and every refusal is an
-`IngestError` whose message says what is wrong and what to do, never naming a file (file
-names often hold the patient's name) or quoting a UID.
+Reading the upload (zips, DICOMDIRs, limits, each file's header) is `upload`'s concern; this
+module groups, orders and checks. Everything stays in memory (nothing is extracted to disk),
+and every refusal is an `IngestError` whose message says what is wrong and what to do, never
+naming a file (file names often hold the patient's name) or quoting a UID.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import numpy as np
 
-from dragonfly_med.imaging.dicom_decode import PIXEL_KEYWORDS, read_header, sop_class_name
 from dragonfly_med.imaging.errors import (
     CorruptFileError,
     IngestError,
@@ -33,16 +29,11 @@ from dragonfly_med.imaging.errors import (
     InvalidSeriesError,
     TooLargeError,
     UnsupportedError,
-    size_text,
 )
-from dragonfly_med.imaging.facts import ImageFacts, safe_description
-from dragonfly_med.imaging.ingest import IngestLimits, LoadedImage, Source, load_image, sniff
-from dragonfly_med.imaging.values import as_int, text
+from dragonfly_med.imaging.facts import ImageFacts
+from dragonfly_med.imaging.ingest import IngestLimits, LoadedImage, load_image
+from dragonfly_med.imaging.upload import Upload, UploadedImage, is_zip, read_upload
 
-# More members than any CD holds: an archive of millions of empty entries is a bomb too.
-MAX_FILES = 20_000
-# Files an operating system adds to archives and folders by itself; never the clinician's.
-_OS_ARTEFACTS = (".ds_store", "thumbs.db", "desktop.ini")
 # A gap this many times the usual spacing means slices are missing.
 _GAP_FACTOR = 1.5
 # Direction cosines closer than this are the same orientation (scanners round to ~1e-6).
@@ -110,39 +101,6 @@ class SeriesSet:
         )
 
 
-@dataclass
-class _Image:
-    """An image DICOM of the upload: its bytes and the header fields that order and check it."""
-
-    data: bytes
-    patient: str  # a hash of the patient's name and ID: tells patients apart, shows nothing
-    study_uid: str
-    series_uid: str
-    sop_uid: str | None
-    instance: int | None
-    rows: int
-    columns: int
-    frames: int
-    modality: str | None
-    orientation: np.ndarray | None  # the 6 direction cosines
-    position: np.ndarray | None  # Image Position (Patient), mm
-    thickness: float | None
-    series_number: int | None
-    description: str | None  # de-identified
-
-
-@dataclass
-class _Sorted:
-    """An upload's files by kind, before grouping."""
-
-    images: list[_Image] = field(default_factory=list)
-    dicomdir: dict[str, set[str]] = field(default_factory=dict)  # series UID -> listed SOP UIDs
-    has_dicomdir: bool = False
-    not_dicom: dict[str, int] = field(default_factory=dict)  # what -> how many
-    not_images: int = 0  # reports, presentation states, key objects...
-    damaged: int = 0
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -155,13 +113,12 @@ def open_upload(sources: Sequence[bytes], limits: IngestLimits | None = None) ->
     limits = limits or IngestLimits()
     if not sources:
         raise InvalidRequestError("No file was given: choose a DICOM, a photo, several DICOM files or a .zip")
-    if len(sources) == 1 and not _is_zip(sources[0]):
+    if len(sources) == 1 and not is_zip(sources[0]):
         return bytes(sources[0])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warnings may quote header values
-            files = _expand(sources, limits)
-            return _series_set(_sort(files), limits)
+            return _series_set(read_upload(sources, limits), limits)
     except IngestError:
         raise
     except MemoryError as exc:
@@ -194,201 +151,10 @@ def load_slice(
     return LoadedImage(loaded.image, SliceFacts(**values, series=series.facts(int(index))))
 
 
-# ----------------------------------------------------------------------------- archives
-
-
-def _is_zip(data: bytes) -> bool:
-    return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def _expand(sources: Sequence[bytes], limits: IngestLimits) -> list[bytes]:
-    """Every file of the upload, zips opened (one level), within the size and count limits."""
-    files: list[bytes] = []
-    total = 0
-    for data in sources:
-        members = _unzip(data, limits.max_file_bytes - total) if _is_zip(data) else [bytes(data)]
-        files += members
-        total += sum(len(m) for m in members)
-        if total > limits.max_file_bytes:
-            raise _too_large(total, limits)
-        if len(files) > MAX_FILES:
-            raise TooLargeError(
-                f"This upload holds more than {MAX_FILES:,} files: upload one series (or one study) at a time"
-            )
-    return files
-
-
-def _unzip(data: bytes, budget: int) -> list[bytes]:
-    """The members of a zip, in memory; sizes are checked from the directory before inflating.
-
-    zipfile never returns more than a member's declared size (a lying header fails its CRC),
-    so checking the declared total first bounds memory: a zip bomb is refused unopened.
-    """
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
-        raise CorruptFileError(
-            "This ZIP archive is damaged or incomplete: create it again (or copy it again) and upload it"
-        ) from exc
-    with archive:
-        members = [i for i in archive.infolist() if not i.is_dir() and not _os_artefact(i.filename)]
-        if len(members) > MAX_FILES:
-            raise TooLargeError(f"This archive holds more than {MAX_FILES:,} files: put one series (or one study) in it")
-        declared = sum(i.file_size for i in members)
-        if declared > budget:
-            raise TooLargeError(
-                f"This archive expands to {size_text(declared)} (from {size_text(len(data))}), above what is "
-                f"left of the upload limit ({size_text(max(budget, 0))}): put one series in it, or ask the "
-                "administrator to raise --max-upload-mb. An archive that expands far beyond its size may be a "
-                "zip bomb"
-            )
-        return [_read_member(archive, info) for info in members]
-
-
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
-    if info.flag_bits & 0x1:
-        raise UnsupportedError(
-            "This archive is password-protected: create it again without a password (or unzip it and upload "
-            "the files)"
-        )
-    try:
-        with archive.open(info) as member:
-            return member.read(info.file_size + 1)
-    except NotImplementedError as exc:
-        raise UnsupportedError(
-            "This archive uses a compression method that cannot be read here: create it again as a standard "
-            "ZIP (deflate), or unzip it and upload the files"
-        ) from exc
-    except RuntimeError as exc:  # zipfile's "password required"
-        raise UnsupportedError(
-            "This archive is password-protected: create it again without a password (or unzip it and upload "
-            "the files)"
-        ) from exc
-    except Exception as exc:
-        raise CorruptFileError(
-            "This ZIP archive is damaged (a file inside fails its check): create or copy it again and upload it"
-        ) from exc
-
-
-def _os_artefact(name: str) -> bool:
-    """macOS resource forks and folder metadata, Windows thumbnails: added by the OS, not the user."""
-    parts = name.replace("\\", "/").split("/")
-    base = parts[-1].lower()
-    return "__MACOSX" in parts or base.startswith("._") or base in _OS_ARTEFACTS
-
-
-def _too_large(total: int, limits: IngestLimits) -> TooLargeError:
-    return TooLargeError(
-        f"These files are {size_text(total)} in all, above the limit of {size_text(limits.max_file_bytes)}: "
-        "upload one series at a time, or ask the administrator to raise --max-upload-mb"
-    )
-
-
-# ----------------------------------------------------------------------------- sorting files
-
-
-def _sort(files: list[bytes]) -> _Sorted:
-    """Read each file's header: image DICOMs, DICOMDIRs, other DICOM objects, anything else."""
-    found = _Sorted()
-    for data in files:
-        what = _kind(data)
-        if what != "dicom":
-            found.not_dicom[what] = found.not_dicom.get(what, 0) + 1
-            continue
-        try:
-            ds = read_header(io.BytesIO(data))
-        except UnsupportedError:
-            found.not_dicom["unknown file"] = found.not_dicom.get("unknown file", 0) + 1
-            continue
-        except CorruptFileError:
-            found.damaged += 1
-            continue
-        if "DirectoryRecordSequence" in ds:
-            found.has_dicomdir = True
-            _read_dicomdir(ds, found.dicomdir)
-        elif any(k in ds for k in PIXEL_KEYWORDS):
-            if _cut_short(ds, len(data)):
-                found.damaged += 1
-            else:
-                found.images.append(_image(data, ds))
-        elif "Image Storage" in sop_class_name(ds):  # an image whose pixel data was cut off
-            found.damaged += 1
-        else:
-            found.not_images += 1
-    return found
-
-
-def _cut_short(ds, size: int) -> bool:
-    """Pixel data declared longer than the bytes left in the file: a copy that did not finish.
-
-    Checked from the header (offset + declared length), so a damaged slice is refused with the
-    upload rather than failing later when the clinician slides to it."""
-    from pydicom.dataelem import RawDataElement
-
-    for keyword in PIXEL_KEYWORDS:
-        if keyword in ds:
-            raw = ds.get_item(keyword)
-            if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:  # encapsulated: undefined length
-                return raw.value_tell + raw.length > size
-    return False
-
-
-def _kind(data: bytes) -> str:
-    """'dicom', or a few words naming what else the file is (for the message)."""
-    if not data:
-        return "empty file"
-    try:
-        kind = sniff(Source(None, data, len(data)))
-    except UnsupportedError as exc:
-        text = str(exc)
-        for word, name in (("ZIP", "ZIP archive"), ("PDF", "PDF document"), ("gzip", "compressed archive"),
-                           ("HEI", "HEIC/HEIF photo"), ("NIfTI", "NIfTI volume")):
-            if word in text:
-                return name
-        return "unknown file"
-    return "dicom" if kind == "dicom" else "photo"
-
-
-def _image(data: bytes, ds) -> _Image:
-    return _Image(
-        data=data,
-        patient=hashlib.sha256(f"{ds.get('PatientName', '')}|{ds.get('PatientID', '')}".encode()).hexdigest(),
-        study_uid=str(ds.get("StudyInstanceUID") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID") or ""),
-        sop_uid=text(ds.get("SOPInstanceUID")),
-        instance=as_int(ds.get("InstanceNumber")),
-        rows=as_int(ds.get("Rows")) or 0,
-        columns=as_int(ds.get("Columns")) or 0,
-        frames=max(as_int(ds.get("NumberOfFrames")) or 1, 1),
-        modality=text(ds.get("Modality")),
-        orientation=_vector(ds.get("ImageOrientationPatient"), 6),
-        position=_vector(ds.get("ImagePositionPatient"), 3),
-        thickness=_float(ds.get("SliceThickness")),
-        series_number=as_int(ds.get("SeriesNumber")),
-        description=safe_description(ds, "SeriesDescription"),
-    )
-
-
-def _read_dicomdir(ds, listed: dict[str, set[str]]) -> None:
-    """Series UID -> the SOP Instance UIDs its IMAGE records list, following the record offsets."""
-    records = {getattr(r, "seq_item_tell", None): r for r in ds.DirectoryRecordSequence}
-    for record in ds.DirectoryRecordSequence:
-        if str(record.get("DirectoryRecordType", "")).strip() != "SERIES" or "SeriesInstanceUID" not in record:
-            continue
-        uids = listed.setdefault(str(record.SeriesInstanceUID), set())
-        offset, seen = record.get("OffsetOfReferencedLowerLevelDirectoryEntity"), set()
-        while offset and offset in records and offset not in seen:
-            seen.add(offset)
-            child = records[offset]
-            if str(child.get("DirectoryRecordType", "")).strip() == "IMAGE" and child.get("ReferencedSOPInstanceUIDInFile"):
-                uids.add(str(child.ReferencedSOPInstanceUIDInFile))
-            offset = child.get("OffsetOfTheNextDirectoryRecord")
-
-
 # ----------------------------------------------------------------------------- series
 
 
-def _series_set(found: _Sorted, limits: IngestLimits) -> SeriesSet:
+def _series_set(found: Upload, limits: IngestLimits) -> SeriesSet:
     """Group, order and check; refuse when nothing usable is left, or something is damaged."""
     if found.damaged:
         raise CorruptFileError(
@@ -414,7 +180,7 @@ def _series_set(found: _Sorted, limits: IngestLimits) -> SeriesSet:
             f"This upload holds images of {len(patients)} different patients: upload one patient's images at a "
             "time, so that every answer is about the right patient"
         )
-    groups: dict[str, list[_Image]] = {}
+    groups: dict[str, list[UploadedImage]] = {}
     for image in images:
         groups.setdefault(image.series_uid, []).append(image)
     studies = sorted({i.study_uid for i in images})
@@ -433,7 +199,7 @@ def _series_set(found: _Sorted, limits: IngestLimits) -> SeriesSet:
     return SeriesSet(usable, left_out)
 
 
-def _unique(images: list[_Image]) -> list[_Image]:
+def _unique(images: list[UploadedImage]) -> list[UploadedImage]:
     """The same instance uploaded twice (two copies of one file) counts once."""
     seen, out = set(), []
     for image in images:
@@ -444,12 +210,12 @@ def _unique(images: list[_Image]) -> list[_Image]:
     return out
 
 
-def _group_order(images: list[_Image]) -> tuple:
+def _group_order(images: list[UploadedImage]) -> tuple:
     first = images[0]
     return (first.study_uid, first.series_number is None, first.series_number or 0, first.modality or "", first.description or "")
 
 
-def _label(number: int, images: list[_Image], study: int | None) -> str:
+def _label(number: int, images: list[UploadedImage], study: int | None) -> str:
     """'Series 3 · MR · BRAIN PD · 20 slices': numbers and de-identified text only."""
     first = images[0]
     name = f"Series {first.series_number}" if first.series_number is not None else f"Series #{number}"
@@ -457,7 +223,7 @@ def _label(number: int, images: list[_Image], study: int | None) -> str:
     return " · ".join(p for p in parts if p)
 
 
-def _make_series(images: list[_Image], label: str, listed: set[str] | None, limits: IngestLimits) -> Series:
+def _make_series(images: list[UploadedImage], label: str, listed: set[str] | None, limits: IngestLimits) -> Series:
     """Check one group and order it; InvalidSeriesError says why it cannot be one series."""
     _check_consistent(images, limits)
     ordered, normal, positions = _order(images)
@@ -475,7 +241,7 @@ def _make_series(images: list[_Image], label: str, listed: set[str] | None, limi
     return Series([i.data for i in ordered], label, spacing, thickness, _plane(normal))
 
 
-def _check_consistent(images: list[_Image], limits: IngestLimits) -> None:
+def _check_consistent(images: list[UploadedImage], limits: IngestLimits) -> None:
     modalities = sorted({i.modality or "?" for i in images})
     if len(modalities) > 1:
         raise InvalidSeriesError(f"its images mix modalities ({', '.join(modalities)}): export each series on its own")
@@ -494,7 +260,7 @@ def _check_consistent(images: list[_Image], limits: IngestLimits) -> None:
         raise InvalidSeriesError(f"its slices are {columns} × {rows} pixels, above the limit of {limits.max_pixels:,}")
 
 
-def _order(images: list[_Image]) -> tuple[list[_Image], np.ndarray | None, list[float] | None]:
+def _order(images: list[UploadedImage]) -> tuple[list[UploadedImage], np.ndarray | None, list[float] | None]:
     """By position along the slice normal, then InstanceNumber; by InstanceNumber without geometry."""
     if len(images) == 1:
         image = images[0]
@@ -521,7 +287,7 @@ def _order(images: list[_Image]) -> tuple[list[_Image], np.ndarray | None, list[
     return [k[3] for k in keyed], normal, positions
 
 
-def _order_by_instance(images: list[_Image]) -> list[_Image]:
+def _order_by_instance(images: list[UploadedImage]) -> list[UploadedImage]:
     numbers = [i.instance for i in images]
     if None in numbers:
         raise InvalidSeriesError(
@@ -571,24 +337,3 @@ def _plane(normal: np.ndarray | None) -> str | None:
     if abs(float(normal[axis])) < math.cos(math.radians(_PLANE_TOLERANCE_DEG)):
         return "oblique"
     return ("sagittal", "coronal", "axial")[axis]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _vector(value: Any, size: int) -> np.ndarray | None:
-    try:
-        values = [float(v) for v in value]
-    except Exception:
-        return None
-    if len(values) != size or not all(math.isfinite(v) for v in values):
-        return None
-    return np.asarray(values, dtype=np.float64)
-
-
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except Exception:
-        return None
-    return out if math.isfinite(out) else None
