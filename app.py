@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from app.auth import checker
     from app.log import SessionLog
     from dragonfly_med.chat import ChatEngine
-    from dragonfly_med.ingest import IngestLimits, MiB
+    from dragonfly_med.imaging.errors import MiB
+    from dragonfly_med.imaging.ingest import IngestLimits
 
     if (why := port_error(args.host, args.port)) is not None:
         return fail(f"cannot serve on {args.host}:{args.port}: {why} (choose another --port)")

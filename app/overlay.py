@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from dragonfly_med.geometry import CropPlan, grid_crops
+from dragonfly_med.model.geometry import CropPlan, grid_crops
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,11 @@ from app.log import ImageRecord, SessionLog, TurnRecord, utcnow
 from app.overlay import draw_grids
 from app.teaching import pixel_identifier_warning, teaching_html
 from dragonfly_med.chat import SamplingParams
-from dragonfly_med.geometry import CropPlan
-from dragonfly_med.ingest import (
-    IngestLimits,
-    InvalidRequestError,
-    LoadedImage,
-    TooLargeError,
-    _size_text,
-    load_image,
-)
+from dragonfly_med.imaging.errors import InvalidRequestError, TooLargeError, size_text
+from dragonfly_med.imaging.ingest import IngestLimits, LoadedImage, load_image
+from dragonfly_med.imaging.series import SeriesSet, load_slice, open_upload
+from dragonfly_med.model.geometry import CropPlan
 from dragonfly_med.relevance import METHOD, Explainer, Relevance, TurnSnapshot, snapshot
-from dragonfly_med.series import SeriesSet, load_slice, open_upload
 
 NO_IMAGE_HINT = "Text-only conversation: load an image to ask about it."
 EXPLAIN_TIMEOUT_S = 120  # a relevance pass waits for the engine behind other users' answers
@@ -108,7 +102,7 @@ def read_uploads(paths: list[str | Path], delete: list[bool], max_bytes: int) ->
         total = sum(Path(p).stat().st_size for p in paths)
         if total > max_bytes:
             raise TooLargeError(
-                f"These {len(paths)} files are {_size_text(total)} in all, above the limit of {_size_text(max_bytes)}: "
+                f"These {len(paths)} files are {size_text(total)} in all, above the limit of {size_text(max_bytes)}: "
                 "upload one series at a time, or ask the administrator to raise --max-upload-mb"
             )
         return [read_upload(p, delete=False) for p in paths]

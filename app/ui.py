@@ -27,7 +27,9 @@ from app.session import NO_IMAGE_HINT, ImageView, Services, UserSession, read_up
 from app.teaching import DISCLAIMER_TEXT, DISCLAIMER_TITLE
 from app.uploads import without_stray_temp_files
 from dragonfly_med.chat import SamplingParams
-from dragonfly_med.ingest import WINDOW_PRESETS, IngestError, load_image
+from dragonfly_med.imaging.errors import IngestError
+from dragonfly_med.imaging.ingest import load_image
+from dragonfly_med.imaging.windowing import WINDOW_PRESETS
 
 NOTICE = f"⚠️ **{DISCLAIMER_TITLE}** {DISCLAIMER_TEXT}"
 MODEL_GROUP = "model"

@@ -1,7 +1,7 @@
 """Dragonfly-Med: a biomedical vision-language model with multi-resolution zoom-in encoding.
 
 `from dragonfly_med import load_model, ChatEngine` is the public entry point. Both are imported on
-first use, so the pure geometry (`dragonfly_med.geometry`) stays importable without torch.
+first use, so the pure geometry (`dragonfly_med.model.geometry`) stays importable without torch.
 """
 
 __version__ = "0.1.0"
@@ -10,11 +10,11 @@ __all__ = ["ChatEngine", "load_model"]
 
 def __getattr__(name: str):
     if name == "load_model":
-        from .loading import load_model
+        from dragonfly_med.checkpoints.loading import load_model
 
         return load_model
     if name == "ChatEngine":
-        from .chat import ChatEngine
+        from dragonfly_med.chat import ChatEngine
 
         return ChatEngine
     raise AttributeError(f"module 'dragonfly_med' has no attribute {name!r}")

@@ -10,11 +10,11 @@ import os
 import sys
 
 COMMANDS = {
-    "plan": ("dragonfly_med.cli_plan", "show the crop plan (grids, zoom, tokens) for an image or WxH"),
-    "ask": ("dragonfly_med.cli_ask", "ask the model one question about an image"),
-    "inspect": ("dragonfly_med.inspect_cli", "read a DICOM or photo: facts as JSON and the 8-bit image"),
-    "convert": ("dragonfly_med.released", "convert a released-format checkpoint to our safetensors format"),
-    "bench": ("dragonfly_med.bench", "measure preprocessing, pooling and tiny-model latency"),
+    "plan": ("dragonfly_med.cli.plan", "show the crop plan (grids, zoom, tokens) for an image or WxH"),
+    "ask": ("dragonfly_med.cli.ask", "ask the model one question about an image"),
+    "inspect": ("dragonfly_med.cli.inspect", "read a DICOM or photo: facts as JSON and the 8-bit image"),
+    "convert": ("dragonfly_med.checkpoints.released", "convert a released-format checkpoint to our safetensors format"),
+    "bench": ("dragonfly_med.cli.bench", "measure preprocessing, pooling and tiny-model latency"),
 }
 
 

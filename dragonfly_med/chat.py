@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.cache_utils import DynamicCache
 
-from .geometry import CropPlan
+from dragonfly_med.model.geometry import CropPlan
 
 STREAM_POLL_S = 0.25  # how often the consumer checks that the worker is still alive
 WORKER_NAME = "dragonfly-generate"
@@ -110,7 +110,7 @@ class ChatEngine:
     @classmethod
     def load(cls, name: str = "tiny", cpu_threads: int | None = None, **kwargs: Any) -> ChatEngine:
         """`loading.load_model(name, **kwargs)` (load_in_4bit, load_in_8bit, dtype, device_map)."""
-        from .loading import load_model
+        from dragonfly_med.checkpoints.loading import load_model
 
         model, processor = load_model(name, **kwargs)
         return cls(model, processor, model_id=str(name), cpu_threads=cpu_threads)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .geometry import Crop, CropPlan
+from dragonfly_med.model.geometry import Crop, CropPlan
 
 METHOD = "gradient x input"
 # The answer's first tokens are scored, the rest not: keeps the cost bounded on long answers

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
 
-from dragonfly_med.configuration_dragonfly import DragonflyConfig, released_clip_vision_config  # noqa: E402
-from dragonfly_med.geometry import plan_crops  # noqa: E402
-from dragonfly_med.loading import quantization_config  # noqa: E402
-from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration  # noqa: E402
+from dragonfly_med.checkpoints.loading import quantization_config  # noqa: E402
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig, released_clip_vision_config  # noqa: E402
+from dragonfly_med.model.geometry import plan_crops  # noqa: E402
+from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration  # noqa: E402
 
 FULL_LLM_LAYERS = 32
 IMAGE, SEP, BOS, EOS = 128002, 128003, 128000, 128009

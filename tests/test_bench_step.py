@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from argparse import Namespace
 
-from training import bench_step
+from training.tiny import bench_step
 
 
 def test_each_way_trains_its_answers_and_the_docs_section_is_replaced(tmp_path, monkeypatch, capsys):
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Model\nkeep me\n\n## Training step\nold figures\n")
-    monkeypatch.setattr("dragonfly_med.bench.DOCS", docs)
+    monkeypatch.setattr("dragonfly_med.cli.bench.DOCS", docs)
     assert bench_step.run(Namespace(repeats=1, json=True, docs=True)) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["answers_per_step"] == {"micro_batch_1": 2, "micro_batch_2": 2, "joined": 8}

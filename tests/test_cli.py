@@ -107,7 +107,7 @@ def test_ask_with_a_model_directory(tmp_path):
 
 
 def test_bench_writes_only_its_section(tmp_path):
-    from dragonfly_med.bench import SECTION, markdown, write_docs
+    from dragonfly_med.cli.bench import SECTION, markdown, write_docs
 
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Ingestion\nkeep me\n\n## Model\nold figures\n\n## App\nkeep me too\n")
@@ -122,7 +122,7 @@ def test_bench_writes_only_its_section(tmp_path):
 
 
 def test_bench_preprocess_ratio_is_the_smallest(monkeypatch):
-    from dragonfly_med import bench
+    from dragonfly_med.cli import bench
 
     monkeypatch.setattr(bench, "PREPROCESS_SIZES", ((64, 48),))
     result = bench.bench_preprocess(repeats=1)

@@ -18,14 +18,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dragonfly_med import inspect_cli
-from dragonfly_med.deid import (
+from dragonfly_med.cli import inspect as inspect_cli
+from dragonfly_med.imaging.deid import (
     ACTIONS,
     UNKNOWN_KEYWORDS,
     deidentify,
     safe_header_summary,
 )
-from dragonfly_med.ingest import load_image
+from dragonfly_med.imaging.ingest import load_image
 
 CT_SMALL = str(Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dragonfly_med.geometry import Geometry, parse_size, plan_crops, select_medium_grid
+from dragonfly_med.model.geometry import Geometry, parse_size, plan_crops, select_medium_grid
 
 # The released v2 geometry, stated as the checkpoint's facts: CLIP ViT-L/14 at 336 px.
 RELEASED = Geometry(crop_size=336, feature_grid=336 // 14, pooled_grid=336 // 14 // 4, cls_token=True)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from dragonfly_med.configuration_dragonfly import named_geometry
-from dragonfly_med.geometry import Geometry
-from dragonfly_med.image_processing_dragonfly import (
+from dragonfly_med.model.configuration_dragonfly import named_geometry
+from dragonfly_med.model.geometry import Geometry
+from dragonfly_med.model.image_processing_dragonfly import (
     CLIP_MEAN,
     CLIP_STD,
     LITE0_MEAN,

@@ -20,19 +20,17 @@ import pydicom.data
 import pytest
 from PIL import Image
 
-from dragonfly_med.ingest import (
-    WINDOW_PRESETS,
+from dragonfly_med.imaging.errors import (
     CorruptFileError,
     EmptyFileError,
     IngestError,
-    IngestLimits,
     InvalidRequestError,
     NoPixelDataError,
     TooLargeError,
     UnsupportedError,
-    load_image,
-    parse_window,
 )
+from dragonfly_med.imaging.ingest import IngestLimits, load_image
+from dragonfly_med.imaging.windowing import WINDOW_PRESETS, parse_window
 
 PYDICOM_DIR = Path(pydicom.data.__file__).parent / "test_files"
 PYDICOM_FILES = sorted(pydicom.data.get_testdata_files())  # files on disk only, no download

@@ -12,8 +12,8 @@ import pydicom.data
 import pytest
 from PIL import Image
 
-from dragonfly_med import inspect_cli
-from dragonfly_med.ingest import load_image
+from dragonfly_med.cli import inspect as inspect_cli
+from dragonfly_med.imaging.ingest import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -128,13 +128,13 @@ def _subprocess(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_module_entry_points_in_a_real_process(tmp_path):
-    """Both `python -m dragonfly_med inspect` and `python -m dragonfly_med.inspect_cli`."""
+    """Both `python -m dragonfly_med inspect` and `python -m dragonfly_med.cli.inspect`."""
     ok = _subprocess("-m", "dragonfly_med", "inspect", CT_SMALL, "--json")
     assert ok.returncode == 0, ok.stderr
     assert REQUIRED_KEYS <= set(json.loads(ok.stdout))
     bad = tmp_path / "notes.dcm"
     bad.write_text("not an image")
-    refused = _subprocess("-m", "dragonfly_med.inspect_cli", str(bad))
+    refused = _subprocess("-m", "dragonfly_med.cli.inspect", str(bad))
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.startswith("error: ") and len(refused.stderr.strip().splitlines()) == 1
     broken = _subprocess("-m", "dragonfly_med", "inspect", str(TEST_FILES / "MR_truncated.dcm"))

@@ -173,8 +173,8 @@ def test_the_shipped_adapter_loads_with_peft_onto_the_packaged_llm():
     """assets/tiny as any PEFT user would load it: `PeftModel.from_pretrained` on the plain
     packaged SmolLM2 (the LLM of tiny-base) adapts every projection of every layer, and
     `merge_and_unload` gives W + B @ A exactly where the file says, the packaged weights elsewhere."""
-    from dragonfly_med.loading import load_model
-    from dragonfly_med.tiny import ADAPTERS_ASSET
+    from dragonfly_med.checkpoints.loading import load_model
+    from dragonfly_med.checkpoints.tiny import ADAPTERS_ASSET
 
     llm = load_model("tiny-base", dtype=torch.float32)[0].language_model
     packaged = {k: v.clone() for k, v in llm.state_dict().items()}

@@ -7,14 +7,14 @@ from safetensors import safe_open
 from torch.nn import functional as F
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from dragonfly_med.configuration_dragonfly import (
+from dragonfly_med.model.configuration_dragonfly import (
     DragonflyConfig,
     named_geometry,
     released_v2_geometry,
 )
-from dragonfly_med.efficientnet_lite import EfficientNetLite0Config
-from dragonfly_med.geometry import Geometry, plan_crops
-from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
+from dragonfly_med.model.efficientnet_lite import EfficientNetLite0Config
+from dragonfly_med.model.geometry import Geometry, plan_crops
+from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
 IMAGE, SEP, PAD, EOS = 5, 6, 0, 2
 VOCAB = 120

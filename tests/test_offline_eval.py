@@ -14,11 +14,11 @@ import torch
 from offline_med_fake import random_model, write_fake_offline_med
 from PIL import Image
 
-from dragonfly_med.configuration_dragonfly import DragonflyConfig
-from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
-from dragonfly_med.processing_dragonfly import DragonflyProcessor
-from training.feature_cache import FeatureCache
-from training.offline_eval import (
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
+from dragonfly_med.model.processing_dragonfly import DragonflyProcessor
+from training.engine.feature_cache import FeatureCache
+from training.offline_med.evaluate import (
     evaluate_offline_med,
     load_split,
     score,

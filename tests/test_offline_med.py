@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import offline_med, offline_med_catalogue, offline_med_sources
-from training.offline_med_catalogue import invesalius_file
-from training.offline_med_questions import OPEN_VARIANTS, PHRASING
-from training.offline_med_render import (
+from training.offline_med import build as offline_med
+from training.offline_med import catalogue as offline_med_catalogue
+from training.offline_med import sources as offline_med_sources
+from training.offline_med.catalogue import invesalius_file
+from training.offline_med.questions import OPEN_VARIANTS, PHRASING
+from training.offline_med.render import (
     BLOB_FRACTION,
     LABEL_FRACTION,
     TEXTURES,
@@ -26,7 +28,7 @@ from training.offline_med_render import (
     draw_textured_lesion,
     upsample_canvas,
 )
-from training.offline_med_sources import display_slice
+from training.offline_med.sources import display_slice
 
 SPLITS = ("train", "val", "test")
 DEBIAN_INSTALLED = invesalius_file() is not None and offline_med_sources.MRICRON_TEMPLATES.exists()
@@ -72,7 +74,7 @@ def test_records_are_valid_llava(built, records):
 def test_closed_answers_commit_to_one_of_the_options_named_in_the_question(records):
     """A closed answer is a sentence with the evidence first ("This is a CT, so no.", "This is
     a CT."); the option it commits to is its `truth`, which the evaluation finds in it."""
-    from training.offline_eval import committed_answer
+    from training.offline_med.evaluate import committed_answer
 
     closed = [r for split in SPLITS for r in records[split] if r["answer_type"] == "closed"]
     assert closed

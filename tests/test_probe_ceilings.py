@@ -11,9 +11,9 @@ import torch
 from offline_med_fake import random_model
 from PIL import Image
 
-from training.feature_cache import FeatureCache
-from training.offline_eval import read_probe_ceilings, score
-from training.probe_ceilings import answer_from, as_question, probe_ceilings, write_ceilings
+from training.engine.feature_cache import FeatureCache
+from training.offline_med.evaluate import read_probe_ceilings, score
+from training.tiny.probe_ceilings import answer_from, as_question, probe_ceilings, write_ceilings
 
 
 def record(split: str, n: int, image: str, family: str, question: str, truth: str, options: list[str] | None) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.probe_features import (
+from training.tiny.probe_features import (
     LEVELS,
     ProbedView,
     fit_and_score,

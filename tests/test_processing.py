@@ -9,9 +9,9 @@ from dragonfly_test_assets import llama3_tokenizer, smollm2_tokenizer
 from PIL import Image
 from transformers import AutoProcessor
 
-from dragonfly_med.configuration_dragonfly import named_geometry
-from dragonfly_med.image_processing_dragonfly import DragonflyImageProcessor
-from dragonfly_med.processing_dragonfly import IGNORE_INDEX, DragonflyProcessor
+from dragonfly_med.model.configuration_dragonfly import named_geometry
+from dragonfly_med.model.image_processing_dragonfly import DragonflyImageProcessor
+from dragonfly_med.model.processing_dragonfly import IGNORE_INDEX, DragonflyProcessor
 
 RELEASED = named_geometry("dragonfly-med-v2")
 # Llama-3 ids, from Meta's tokenizer (checked against the fetched file below).

@@ -8,11 +8,8 @@ import torch
 from transformers import AutoTokenizer
 
 from dragonfly_med.__main__ import main
-from dragonfly_med.configuration_dragonfly import DragonflyConfig
-from dragonfly_med.geometry import plan_crops
-from dragonfly_med.loading import ModelNotAvailableError, load_model
-from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
-from dragonfly_med.released import (
+from dragonfly_med.checkpoints.loading import ModelNotAvailableError, load_model
+from dragonfly_med.checkpoints.released import (
     IMAGE_TOKEN,
     SEPARATOR_TOKEN,
     TOKENIZER_FILES,
@@ -20,6 +17,9 @@ from dragonfly_med.released import (
     released_config,
     save_tiny_released_checkpoint,
 )
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.model.geometry import plan_crops
+from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from offline_med_fake import write_fake_offline_med
 
-from dragonfly_med.loading import load_model
-from dragonfly_med.tiny import base_model_dir
-from training.data import read_records
-from training.replay_text import (
+from dragonfly_med.checkpoints.loading import load_model
+from dragonfly_med.checkpoints.tiny import base_model_dir
+from training.engine.records import read_records
+from training.tiny.replay_text import (
     ensure_replay,
     generate_answers,
     replay_prompts,

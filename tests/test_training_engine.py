@@ -13,15 +13,22 @@ from dragonfly_test_assets import smollm2_tokenizer
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from dragonfly_med.configuration_dragonfly import DragonflyConfig
-from dragonfly_med.geometry import Geometry
-from dragonfly_med.loading import load_model
-from dragonfly_med.modeling_dragonfly import DragonflyForConditionalGeneration
-from dragonfly_med.processing_dragonfly import DragonflyProcessor
-from dragonfly_med.tiny import EOS_TOKEN, IMAGE_TOKEN, SEPARATOR_TOKEN
-from training.data import build_mixture
-from training.recipe import load_recipe
-from training.trainer import MicroBatches, answer_loss, apply_tune, model_parts, param_groups, train
+from dragonfly_med.checkpoints.loading import load_model
+from dragonfly_med.checkpoints.tiny import EOS_TOKEN, IMAGE_TOKEN, SEPARATOR_TOKEN
+from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
+from dragonfly_med.model.geometry import Geometry
+from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
+from dragonfly_med.model.processing_dragonfly import DragonflyProcessor
+from training.engine.mixture import build_mixture
+from training.engine.recipe import load_recipe
+from training.engine.trainer import (
+    MicroBatches,
+    answer_loss,
+    apply_tune,
+    model_parts,
+    param_groups,
+    train,
+)
 
 STAGES = ("general-stage1", "general-stage2", "med-stage1", "med-stage2", "med-stage3")
 
@@ -229,7 +236,7 @@ def test_eval_command_with_a_model(random_model_dir, tmp_path, capsys):
 def test_assemble_llm_and_clip_into_a_stage1_start(tmp_path):
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    from training.assemble import assemble
+    from training.engine.assemble import assemble
 
     tokenizer = smollm2_tokenizer()
     llama3 = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>"]
@@ -250,7 +257,7 @@ def test_assemble_llm_and_clip_into_a_stage1_start(tmp_path):
 
 
 def test_check_measures_exact_lengths(random_model_dir):
-    from training.check import check_records, sample_length
+    from training.benchmarks.check import check_records, sample_length
 
     _, processor = load_model(random_model_dir, dtype=torch.float32)
     records = build_mixture(load_recipe("tiny-med-stage3")).datasets[0][:3]

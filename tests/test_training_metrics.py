@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.metrics import (
+from training.benchmarks.metrics import (
     caption_metrics,
     cider,
     closed_accuracy,
@@ -83,7 +83,7 @@ def write_vqa_rad(src):
 
 
 def test_evaluate_writes_predictions_scores_and_paper_table(tmp_path):
-    from training.evaluate import evaluate, load_split, paper_table
+    from training.benchmarks.evaluate import evaluate, load_split, paper_table
 
     write_vqa_rad(tmp_path / "src")
     records = load_split("vqa-rad", tmp_path / "src", "test")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from training.__main__ import main
-from training.recipe import available_recipes, load_recipe
+from training.engine.recipe import available_recipes, load_recipe
 
 # Paper table 8 (general) and table 12 (biomedical): batch, lr, scheduler, warmup, max length, tune.
 TABLE_8 = {

@@ -10,20 +10,20 @@ import importlib
 import sys
 
 COMMANDS = {
-    "run": ("training.trainer", "train one recipe stage (also under `accelerate launch`)"),
-    "show-recipe": ("training.recipe", "print a resolved recipe (--json for machines)"),
-    "assemble": ("training.assemble", "build general stage 1's start: Llama + CLIP + a new projector"),
-    "convert": ("training.convert", "convert an official benchmark layout to LLaVA-style JSONL"),
-    "dedup": ("training.dedup", "drop duplicate (image content, instruction) records"),
-    "check": ("training.check", "report missing images, empty answers and over-long samples"),
-    "zoom-stats": ("training.zoom_stats", "CDF of zoom ratios over a dataset (paper figure 4)"),
-    "eval": ("training.evaluate", "score a model on a biomedical benchmark (paper tables 5 and 6)"),
-    "build-offline-med": ("training.offline_med", "build the offline medical VQA set (docs/offline-med.md)"),
-    "reproduce-tiny": ("training.reproduce", "data -> tiny-med-stage1..3 -> eval -> assets/tiny/"),
-    "bench-step": ("training.bench_step", "time per trained answer of a tiny-model training step (docs/benchmarks.md)"),
-    "ablation": ("training.ablation", "zoom-in ablation L / L+M / L+H / L+M+H (docs/ablation.*)"),
+    "run": ("training.engine.trainer", "train one recipe stage (also under `accelerate launch`)"),
+    "show-recipe": ("training.engine.recipe", "print a resolved recipe (--json for machines)"),
+    "assemble": ("training.engine.assemble", "build general stage 1's start: Llama + CLIP + a new projector"),
+    "convert": ("training.benchmarks.convert", "convert an official benchmark layout to LLaVA-style JSONL"),
+    "dedup": ("training.benchmarks.dedup", "drop duplicate (image content, instruction) records"),
+    "check": ("training.benchmarks.check", "report missing images, empty answers and over-long samples"),
+    "zoom-stats": ("training.benchmarks.zoom_stats", "CDF of zoom ratios over a dataset (paper figure 4)"),
+    "eval": ("training.benchmarks.evaluate", "score a model on a biomedical benchmark (paper tables 5 and 6)"),
+    "build-offline-med": ("training.offline_med.build", "build the offline medical VQA set (docs/offline-med.md)"),
+    "reproduce-tiny": ("training.tiny.reproduce", "data -> tiny-med-stage1..3 -> eval -> assets/tiny/"),
+    "bench-step": ("training.tiny.bench_step", "time per trained answer of a tiny-model training step (docs/benchmarks.md)"),
+    "ablation": ("training.tiny.ablation", "zoom-in ablation L / L+M / L+H / L+M+H (docs/ablation.*)"),
     "convert-adapters": ("training.convert_adapters", "old lora.safetensors adapters -> a PEFT adapter folder"),
-    "probe-features": ("training.probe_features", "what a linear read-out of the frozen tower answers of the eval questions (probe ceilings)"),
+    "probe-features": ("training.tiny.probe_features", "what a linear read-out of the frozen tower answers of the eval questions (probe ceilings)"),
 }
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     module_name = COMMANDS[args.command][0]
     if args.command == "eval" and {"offline-med", "--benchmark=offline-med"} & set(rest):
-        module_name = "training.offline_eval"  # its own scorer: baselines and question families
+        module_name = "training.offline_med.evaluate"  # its own scorer: baselines and question families
     module = importlib.import_module(module_name)
     command_parser = argparse.ArgumentParser(prog=f"python -m training {args.command}")
     module.add_arguments(command_parser)

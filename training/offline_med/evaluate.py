@@ -1,0 +1,491 @@
+"""Score a model on the offline-med test split, next to two baselines measured in the same run.
+
+    python -m training eval --benchmark offline-med --model tiny --json        # via training/benchmarks/evaluate.py
+    python -m training eval --benchmark offline-med --model runs/x/final --data runs/offline-med --json
+
+Metrics are the paper's VQA metrics (training/benchmarks/metrics.py): closed-question accuracy and token
+F1 over all questions, overall and per family, as fractions in [0, 1]. offline-med answers with
+the evidence first ("This is a CT, so no."), so closed accuracy scores the option an answer
+commits to after its evidence (`committed_answer`) against the record's `truth`;
+`closed_accuracy_strict` asks for the reference sentence word for word. `yes_rate` and
+`truth_yes_rate` (share of "yes" among the committed answers to yes/no questions, and in the
+truth) show an answer prior that accuracy hides. With `--probe F.json` (written by
+`python -m training probe-features`), each family also gets its `probe_ceiling`: how well a
+linear read-out of the frozen tower's features answers the same questions. Baselines, measured on the same records:
+- `no_image`: the same LLM asked the same question without the image block, i.e. what the
+  question text alone (options, priors of the language model) buys;
+- `untrained_projector`: the tiny model as it was before any training (SmolLM2 + EfficientNet
+  + the seeded, calibrated random projector), i.e. what training bought.
+
+Why the image features are cached: on this 2-core CPU the vision tower costs as much as the
+LLM prefill (41 crops per image). The tower is frozen in every tiny recipe we run, so its
+features are identical for the model and its baselines (and for the ablation's geometries,
+whose crops are subsets of the full plan's): we run it once per image and key the cache by a
+fingerprint of the tower's weights, so a tower that was trained gets its own entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from training.benchmarks.metrics import closed_accuracy, mean_token_f1, normalize_answer
+from training.engine.feature_cache import FeatureCache, default_cache_dir
+from training.offline_med.build import DEFAULT_DATA, add_data_argument, ensure_built
+
+# Families the builder can emit (docs/offline-med.md); absent ones are reported with n = 0.
+FAMILIES = (
+    "modality",
+    "body_region",
+    "plane",
+    "window",
+    "laterality",
+    "atlas_region",
+    "finding",
+    "fine_detail",
+    "description",
+)
+COARSE_FAMILIES = ("modality", "body_region", "plane", "window")
+BASELINES = ("no_image", "untrained_projector")
+PER_FAMILY = 24  # test questions per family that the model card reports
+
+
+# ---- records ---------------------------------------------------------------------------------
+
+
+def load_split(data_dir: Path, split: str = "test") -> list[dict]:
+    """Single-turn records of one split (multi-turn conversations are training-only)."""
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; build the data with `python -m training build-offline-med --out {data_dir}`"
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if len(r["conversations"]) == 2]
+
+
+def question_answer(record: dict) -> tuple[str, str]:
+    human, gpt = record["conversations"]
+    return human["value"].replace("<image>", "").strip(), gpt["value"].strip()
+
+
+def subsample(
+    records: list[dict],
+    per_family: int | None,
+    families: tuple[str, ...] | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """At most `per_family` records of each family, drawn by seed, closed questions first.
+
+    CPU time, not data, limits how many questions we can ask; a seeded draw per family keeps
+    every family represented and makes two runs with the same seed ask the same questions.
+    Closed questions are preferred because accuracy is the headline metric. Complementary
+    questions (records sharing a `group`: one text asked of images with different answers) are
+    drawn whole, so that the question text alone stays at chance on the draw too.
+    """
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        if families is None or record["family"] in families:
+            by_family[record["family"]].append(record)
+    chosen = []
+    for family in sorted(by_family):
+        group = by_family[family]
+        if per_family is not None and len(group) > per_family:
+            rng = random.Random(f"{seed}-{family}")
+            closed = [r for r in group if r["answer_type"] == "closed"]
+            opened = [r for r in group if r["answer_type"] != "closed"]
+            rng.shuffle(opened)
+            n_open = min(len(opened), per_family // 4)
+            group = whole_groups(closed, per_family - n_open, rng) + opened[:n_open]
+            group = group + opened[n_open : n_open + per_family - len(group)]
+        chosen += group
+    return chosen
+
+
+def whole_groups(records: list[dict], limit: int, rng: random.Random) -> list[dict]:
+    """A seeded draw of at most `limit` records that takes each `group` whole or not at all
+    (a record without one is a group of its own)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for n, record in enumerate(records):
+        groups[record.get("group") or f"#{n}"].append(record)
+    units = list(groups.values())
+    rng.shuffle(units)
+    drawn: list[dict] = []
+    for unit in units:
+        if len(drawn) + len(unit) <= limit:
+            drawn += unit
+    return drawn
+
+
+# ---- answering -------------------------------------------------------------------------------
+
+
+SHORT_ANSWER_TOKENS = 32  # "The marked point is in the Frontal_Sup_Medial_L, so no." fits
+
+
+def max_tokens_for(record: dict, cap: int) -> int:
+    """Closed and short answers are one sentence; descriptions get `cap`. Reference length
+    bounds the budget: a longer answer could only lower precision."""
+    return SHORT_ANSWER_TOKENS if record["family"] != "description" else cap
+
+
+def generate(
+    model, processor, question: str, image_embeds: torch.Tensor | None, plan, max_new_tokens: int
+) -> str:
+    """Greedy answer to one question, with the image block (plan + embeds) or without it."""
+    sample = processor.build_prompt_ids(
+        [(question, None)], plan if image_embeds is not None else None
+    )
+    input_ids = torch.tensor([sample.input_ids], dtype=torch.long)
+    eos = list(processor.eos_token_ids) + [
+        i for i in (model.config.eos_token_ids or []) if i not in processor.eos_token_ids
+    ]
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            image_embeds=[image_embeds] if image_embeds is not None else None,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=processor.pad_token_id,
+        )
+    return processor.tokenizer.decode(
+        out[0, input_ids.shape[1] :], skip_special_tokens=True
+    ).strip()
+
+
+def committed_answer(prediction: str, options: list[str] | None) -> str:
+    """What a closed answer commits to, after its evidence: for a yes/no question its last
+    yes/no word ("This is a CT, so no." -> "no"); for a choose-one question the one offered
+    option it names as whole words ("The label says RC9." -> "RC9"). A prediction with no
+    yes/no word, or naming both options or none, is left as is (and is wrong)."""
+    words = normalize_answer(prediction).split()
+    if options and {normalize_answer(o) for o in options} == {"yes", "no"}:
+        verdicts = [w for w in words if w in ("yes", "no")]
+        return verdicts[-1] if verdicts else prediction
+    padded = f" {' '.join(words)} "
+    named = [o for o in options or () if f" {normalize_answer(o)} " in padded]
+    return named[0] if len(named) == 1 else prediction
+
+
+def truth_of(row: dict) -> str:
+    """The option a closed record's answer commits to (older data: the reference itself)."""
+    return row.get("truth") or row["reference"]
+
+
+def offered(row: dict) -> list[str] | None:
+    """A closed record's options; a yes/no truth stands for ("yes", "no") where none are stored."""
+    if row.get("options"):
+        return row["options"]
+    return ["yes", "no"] if normalize_answer(truth_of(row)) in ("yes", "no") else None
+
+
+def yes_rates(closed: list[dict], committed: list[str]) -> tuple[float | None, float | None]:
+    """Share of "yes" among the committed answers to yes/no questions, and in their truth."""
+    pairs = [(c, truth_of(r)) for r, c in zip(closed, committed, strict=True) if offered(r) == ["yes", "no"]]
+    if not pairs:
+        return None, None
+    said = sum(normalize_answer(c) == "yes" for c, _ in pairs) / len(pairs)
+    truth = sum(normalize_answer(t) == "yes" for _, t in pairs) / len(pairs)
+    return round(said, 4), round(truth, 4)
+
+
+def score(rows: list[dict], probe_ceilings: dict[str, float] | None = None) -> dict:
+    """Overall and per-family closed accuracy and token F1 as fractions (None when undefined).
+
+    `closed_accuracy` scores the option a closed answer commits to (`committed_answer`)
+    against the record's truth; `closed_accuracy_strict` the whole normalised answer against the
+    reference sentence. Token F1 is on the raw answers. `probe_ceilings` (family -> fraction)
+    adds each family's `probe_ceiling`.
+    """
+
+    def frac(value: float) -> float | None:
+        return None if value != value else round(value / 100.0, 4)  # NaN: no such questions
+
+    def block(group: list[dict]) -> dict:
+        closed = [r for r in group if r["answer_type"] == "closed"]
+        committed = [committed_answer(r["prediction"], offered(r)) for r in closed]
+        yes_rate, truth_yes_rate = yes_rates(closed, committed)
+        return {
+            "closed_accuracy": frac(closed_accuracy(committed, [truth_of(r) for r in closed])),
+            "closed_accuracy_strict": frac(
+                closed_accuracy([r["prediction"] for r in closed], [r["reference"] for r in closed])
+            ),
+            "token_f1": frac(
+                mean_token_f1([r["prediction"] for r in group], [r["reference"] for r in group])
+            ),
+            "yes_rate": yes_rate,
+            "truth_yes_rate": truth_yes_rate,
+            "n": len(group),
+            "n_closed": len(closed),
+        }
+
+    by_family = {f: block([r for r in rows if r["family"] == f]) for f in FAMILIES}
+    for family in sorted({r["family"] for r in rows} - set(FAMILIES)):
+        by_family[family] = block([r for r in rows if r["family"] == family])
+    for family, ceiling in (probe_ceilings or {}).items():
+        if family in by_family:
+            by_family[family]["probe_ceiling"] = ceiling
+    return block(rows) | {"by_family": by_family}
+
+
+def with_options(rows: list[dict], data_dir: Path, split: str = "test") -> list[dict]:
+    """Attach each record's offered `options` and `truth` (by id) to prediction rows written
+    without them."""
+    records = {r["id"]: r for r in load_split(data_dir, split)}
+    return [
+        r | {key: r.get(key, records.get(r["id"], {}).get(key)) for key in ("options", "truth")}
+        for r in rows
+    ]
+
+
+def rescore(predictions_file: Path, data_dir: Path, split: str = "test") -> dict:
+    """Scores recomputed from a predictions JSONL (model and baselines), without any model."""
+    rows = [json.loads(line) for line in Path(predictions_file).read_text().splitlines() if line]
+    rows = with_options(rows, data_dir, split)
+    systems = {}
+    for row in rows:
+        systems.setdefault(row.get("system", "model"), []).append(row)
+    result = score(systems.pop("model"))
+    result["baselines"] = {name: score(group) for name, group in systems.items()}
+    return result
+
+
+def answer_all(
+    model,
+    processor,
+    records: list[dict],
+    data_dir: Path,
+    cache: FeatureCache,
+    *,
+    use_image: bool = True,
+    levels: tuple[str, ...] | None = None,
+    max_new_tokens: int = 64,
+    label: str = "model",
+) -> list[dict]:
+    """Predictions of one model on `records` (one row per record, JSON-ready)."""
+    from tqdm import tqdm
+
+    levels = levels or model.config.get_geometry().levels
+    rows = []
+    for record in tqdm(records, desc=label, file=sys.stderr, disable=len(records) < 4):
+        question, reference = question_answer(record)
+        embeds, plan = None, None
+        if use_image:
+            found = cache.features(model, processor.image_processor, data_dir / record["image"])
+            with torch.inference_mode():
+                embeds = cache.embeds(model, found, levels)
+            plan = processor.image_processor.plan(found.image_size)
+        prediction = generate(
+            model, processor, question, embeds, plan, max_tokens_for(record, max_new_tokens)
+        )
+        rows.append(
+            {
+                "id": record["id"],
+                "family": record["family"],
+                "answer_type": record["answer_type"],
+                "question": question,
+                "reference": reference,
+                "options": record.get("options"),
+                "truth": record.get("truth"),
+                "prediction": prediction,
+            }
+        )
+    return rows
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+def untrained_tiny():
+    """(model, processor) of the untrained tiny model: the `untrained_projector` baseline."""
+    from dragonfly_med.checkpoints.loading import load_model
+
+    return load_model("tiny-base", dtype=torch.float32, device_map="cpu")
+
+
+def evaluate_offline_med(
+    model,
+    processor,
+    data_dir: str | Path = DEFAULT_DATA,
+    *,
+    split: str = "test",
+    per_family: int | None = PER_FAMILY,
+    families: tuple[str, ...] | None = None,
+    baselines: tuple[str, ...] = BASELINES,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    predictions_file: str | Path | None = None,
+    baseline_models: dict | None = None,
+    probe_ceilings: dict[str, float] | None = None,
+) -> dict:
+    """Scores of `model` on the offline-med `split`, with baselines measured on the same records.
+
+    Returns {closed_accuracy, token_f1, n, n_closed, by_family, baselines: {name: same keys},
+    split, records, seconds}; every score is a fraction in [0, 1] or None when a group has no
+    (closed) questions. `baseline_models` may supply {"untrained_projector": (model, processor)}
+    (tests pass tiny random models); by default the untrained tiny model is built.
+    `probe_ceilings` (family -> fraction, `read_probe_ceilings`) are reported per family.
+    """
+    started = time.time()
+    data_dir = Path(data_dir)
+    records = subsample(load_split(data_dir, split), per_family, families, seed)
+    cache = FeatureCache(default_cache_dir())
+    rows = answer_all(
+        model, processor, records, data_dir, cache, max_new_tokens=max_new_tokens, label="model"
+    )
+    result = score(rows, probe_ceilings)
+    result["baselines"] = {}
+    all_rows = {"model": rows}
+    for name in baselines:
+        if name == "no_image":
+            base_rows = answer_all(
+                model,
+                processor,
+                records,
+                data_dir,
+                cache,
+                use_image=False,
+                max_new_tokens=max_new_tokens,
+                label=name,
+            )
+        elif name == "untrained_projector":
+            base_model, base_processor = (baseline_models or {}).get(name) or untrained_tiny()
+            base_rows = answer_all(
+                base_model,
+                base_processor,
+                records,
+                data_dir,
+                cache,
+                max_new_tokens=max_new_tokens,
+                label=name,
+            )
+        else:
+            raise ValueError(f"unknown baseline {name!r}; known: {BASELINES}")
+        all_rows[name] = base_rows
+        result["baselines"][name] = score(base_rows)
+    if predictions_file is not None:
+        path = Path(predictions_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as handle:
+            for name, group in all_rows.items():
+                for row in group:
+                    handle.write(json.dumps(row | {"system": name}) + "\n")
+        result["predictions_file"] = str(path)
+    result.update(
+        split=split, per_family=per_family, seed=seed, seconds=round(time.time() - started, 1)
+    )
+    return result
+
+
+def read_probe_ceilings(path: Path, split: str) -> dict[str, float]:
+    """family -> the probe's accuracy on `split`'s questions, from probe-features' JSON
+    (`ceilings.<split>.<family>`)."""
+    data = json.loads(Path(path).read_text())
+    ceilings = data.get("ceilings", {}).get(split)
+    if ceilings is None:
+        raise ValueError(f"{path} has no probe ceilings for the {split!r} split; rerun probe-features")
+    return {family: value for family, value in ceilings.items() if value is not None}
+
+
+def table(result: dict) -> str:
+    """A Markdown table: the model and each baseline, overall and per family (closed acc / F1),
+    with the family's probe ceiling and the yes rates where measured."""
+    systems = {"model": result} | result.get("baselines", {})
+    ceilings = any("probe_ceiling" in block for block in result["by_family"].values())
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    def cell(block: dict) -> str:
+        return f"{pct(block.get('closed_accuracy'))} / {pct(block.get('token_f1'))}"
+
+    extra = ["probe ceiling"] if ceilings else []
+    extra.append("yes rate (truth)")
+
+    def extras(block: dict) -> list[str]:
+        cells = [pct(block.get("probe_ceiling"))] if ceilings else []
+        return cells + [f"{pct(block.get('yes_rate'))} ({pct(block.get('truth_yes_rate'))})"]
+
+    columns = [*systems, *extra]
+    lines = ["| family (n) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [(f"**overall** ({result['n']})", result, lambda s: s)]
+    rows += [
+        (f"{family} ({block['n']}, {block.get('n_closed', '?')} closed)", block, lambda s, f=family: s["by_family"][f])
+        for family, block in result["by_family"].items()
+    ]
+    for name, block, pick in rows:
+        cells = [cell(pick(s)) for s in systems.values()] + extras(block)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return (
+        "\n".join(lines)
+        + "\n\ncells: closed accuracy % / token F1 %; '-': no such questions in the sample. probe ceiling:"
+        " a linear read-out of the frozen tower's features on the same questions (training/tiny/probe_ceilings.py);"
+        " yes rate: the model's share of 'yes' answers to yes/no questions (the truth's in brackets).\n"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", default="offline-med", choices=["offline-med"])
+    parser.add_argument(
+        "--model", default="tiny", help="'tiny', a model directory or a run's final folder"
+    )
+    add_data_argument(parser)
+    parser.add_argument(
+        "--split", default="test", choices=["test", "val", "train"], help="train: how well it fits what it saw"
+    )
+    parser.add_argument(
+        "--per-family",
+        type=int,
+        default=PER_FAMILY,
+        help=f"questions per family (CPU time; {PER_FAMILY} = the model card); 0 = all",
+    )
+    parser.add_argument(
+        "--baselines", default=",".join(BASELINES), help="comma-separated; '' for none"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="cap for open (description) answers"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="which questions the per-family draw picks"
+    )
+    parser.add_argument(
+        "--predictions", type=Path, default=None, help="write every prediction (JSONL)"
+    )
+    parser.add_argument(
+        "--probe", type=Path, default=None, help="probe-features JSON: adds each family's probe_ceiling"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the JSON result instead of a table"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dragonfly_med.checkpoints.loading import load_model
+
+    ensure_built(args.data)
+    model, processor = load_model(args.model, dtype=torch.float32, device_map="cpu")
+    result = evaluate_offline_med(
+        model,
+        processor,
+        args.data,
+        split=args.split,
+        per_family=args.per_family or None,
+        baselines=tuple(b for b in args.baselines.split(",") if b),
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        predictions_file=args.predictions,
+        probe_ceilings=read_probe_ceilings(args.probe, args.split) if args.probe else None,
+    )
+    result = {"benchmark": "offline-med", "model": str(args.model)} | result
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
