@@ -17,8 +17,7 @@ PACKAGES = ("app", "dragonfly_med", "training")
 ALLOWED = {
     "dragonfly_med.model": {"dragonfly_med.model"},
     "dragonfly_med.imaging": {"dragonfly_med.imaging"},
-    "dragonfly_med.checkpoints": {"dragonfly_med.model", "dragonfly_med.lora"},
-    "dragonfly_med.lora": set(),
+    "dragonfly_med.checkpoints": {"dragonfly_med.model"},
     "dragonfly_med.chat": {"dragonfly_med.model", "dragonfly_med.checkpoints"},
     "dragonfly_med.relevance": {"dragonfly_med.model"},
     "dragonfly_med.cli": {

@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dragonfly_med.lora import (
+from dragonfly_med.checkpoints.lora import (
     CONFIG_FILE,
     KEY_PREFIX,
     WEIGHTS_FILE,
@@ -27,7 +27,7 @@ from dragonfly_med.lora import (
     merge_lora,
     save_adapters,
 )
-from training.convert_adapters import LEGACY_FILE, convert, require_converted
+from training.engine.convert_adapters import LEGACY_FILE, convert, require_converted
 
 
 def mlp(seed: int = 0) -> nn.Sequential:

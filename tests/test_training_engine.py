@@ -183,7 +183,12 @@ def test_lora_stages_chain_adapters_that_rebuild_the_trained_llm(random_model_di
     """LoRA trains adapters, final/ holds the merged LLM, and final/adapter/ (every LoRA stage's
     adapters, chained into one PEFT adapter; carried through stages that leave the LLM alone)
     rebuilds it from the starting LLM: what the tiny assets ship."""
-    from dragonfly_med.lora import ADAPTER_DIR, CONFIG_FILE, load_adapters, merge_adapter_folder
+    from dragonfly_med.checkpoints.lora import (
+        ADAPTER_DIR,
+        CONFIG_FILE,
+        load_adapters,
+        merge_adapter_folder,
+    )
 
     lora = ("max_steps=2", "tune.vision_encoder=false", "lora_rank=2", "lora_alpha=4", "learning_rate=1e-2")
     summary = run("tiny-med-stage2", random_model_dir, tmp_path / "s2", *lora)

@@ -22,7 +22,7 @@ COMMANDS = {
     "reproduce-tiny": ("training.tiny.reproduce", "data -> tiny-med-stage1..3 -> eval -> assets/tiny/"),
     "bench-step": ("training.tiny.bench_step", "time per trained answer of a tiny-model training step (docs/benchmarks.md)"),
     "ablation": ("training.tiny.ablation", "zoom-in ablation L / L+M / L+H / L+M+H (docs/ablation.*)"),
-    "convert-adapters": ("training.convert_adapters", "old lora.safetensors adapters -> a PEFT adapter folder"),
+    "convert-adapters": ("training.engine.convert_adapters", "old lora.safetensors adapters -> a PEFT adapter folder"),
     "probe-features": ("training.tiny.probe_features", "what a linear read-out of the frozen tower answers of the eval questions (probe ceilings)"),
 }
 

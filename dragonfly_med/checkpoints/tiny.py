@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dragonfly_med.lora import CONFIG_FILE, WEIGHTS_FILE, merge_adapter_folder
+from dragonfly_med.checkpoints.lora import CONFIG_FILE, WEIGHTS_FILE, merge_adapter_folder
 from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
 from dragonfly_med.model.efficientnet_lite import (
     EfficientNetLite0Config,

@@ -4,7 +4,7 @@ the PEFT adapter folder that training and the tiny model now read.
 Runs trained before LoRA went through PEFT hold final/lora.safetensors: keys `<module>.lora_A`
 [r, in] and `<module>.lora_B` [out, r], module names relative to the LLM, the scale alpha / r
 already folded into B, stages concatenated along the rank. That is a chain as
-`dragonfly_med.lora` holds it, so converting is renaming; the dtype stays. A later stage can then
+`dragonfly_med.checkpoints.lora` holds it, so converting is renaming; the dtype stays. A later stage can then
 chain on, and reproduce-tiny export it:
 
     python -m training convert-adapters runs/x/stage2/final/lora.safetensors runs/x/stage2/final/adapter
@@ -23,7 +23,7 @@ LEGACY_FILE = "lora.safetensors"
 def require_converted(folder: Path) -> None:
     """Refuse a model folder whose adapters are still in the old format: chaining on from it, or
     exporting it, would silently leave them out."""
-    from dragonfly_med.lora import ADAPTER_DIR
+    from dragonfly_med.checkpoints.lora import ADAPTER_DIR
 
     legacy, adapter = folder / LEGACY_FILE, folder / ADAPTER_DIR
     if legacy.is_file() and not adapter.is_dir():
@@ -37,7 +37,7 @@ def convert(legacy: Path, folder: Path) -> Path:
     """Write the adapters of `legacy` (a lora.safetensors) as a PEFT folder; returns it."""
     from safetensors.torch import load_file
 
-    from dragonfly_med.lora import save_adapters
+    from dragonfly_med.checkpoints.lora import save_adapters
 
     tensors = load_file(str(legacy))
     chain = {

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from training.convert_adapters import require_converted
+from training.engine.convert_adapters import require_converted
 from training.engine.feature_cache import FeatureCache, default_cache_dir
 from training.engine.mixture import Mixture, build_mixture
 from training.engine.recipe import Recipe, Tune, load_recipe
@@ -57,7 +57,7 @@ def apply_tune(model: nn.Module, tune: Tune, lora_rank: int = 0, lora_alpha: flo
     (Llama has no dropout), because gradients still flow through it to the visual embeddings
     and gradient checkpointing only acts on modules in train mode. With `lora_rank`, a trained
     LLM gets PEFT LoRA adapters and its own weights stay frozen. Returns trainable counts."""
-    from dragonfly_med.lora import add_lora
+    from dragonfly_med.checkpoints.lora import add_lora
 
     model.train()
     counts = {}
@@ -285,9 +285,9 @@ def configure_deepspeed(accelerator, recipe: Recipe, accum: int) -> None:
 def save_final(accelerator, model, processor, recipe: Recipe, paths: RunPaths, steps: int, init: str) -> None:
     """final/ is a plain model folder (LoRA merged in) that `load_model` reads. The LLM's change
     since the tiny default also goes to final/adapter/, as one PEFT LoRA adapter (earlier stages'
-    adapters, read from the init folder, followed by this stage's; dragonfly_med/lora.py says
+    adapters, read from the init folder, followed by this stage's; dragonfly_med/checkpoints/lora.py says
     how), while it is one: a stage that trains the LLM's full weights ends the chain."""
-    from dragonfly_med.lora import (
+    from dragonfly_med.checkpoints.lora import (
         ADAPTER_DIR,
         adapters,
         concat_adapters,

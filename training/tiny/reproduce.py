@@ -232,8 +232,13 @@ def export_projector(final_dir: Path, target: Path) -> Path:
 def export_adapters(final_dir: Path, target: Path) -> Path:
     """Copy the LLM's PEFT adapter (every LoRA stage's, chained) into the folder `target`, in
     fp16: `tiny.build_tiny` merges it into the packaged LLM's weights. Returns its weights file."""
-    from dragonfly_med.lora import ADAPTER_DIR, WEIGHTS_FILE, load_adapters, save_adapters
-    from training.convert_adapters import require_converted
+    from dragonfly_med.checkpoints.lora import (
+        ADAPTER_DIR,
+        WEIGHTS_FILE,
+        load_adapters,
+        save_adapters,
+    )
+    from training.engine.convert_adapters import require_converted
 
     require_converted(final_dir)
     source = final_dir / ADAPTER_DIR
