@@ -7,6 +7,7 @@ exact and every process reads the same plan. Records come from `training.engine.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,3 +189,11 @@ def build_mixture(recipe: Recipe) -> Mixture:
     if not steps:
         raise ValueError(f"the mixture has fewer samples than one global batch ({recipe.global_batch_size})")
     return Mixture([s.name for s in recipe.datasets], datasets, steps)
+
+
+def plan_fingerprint(mixture: Mixture) -> str:
+    """Hash of the step plan: a checkpoint only resumes the run it was planned for."""
+    h = hashlib.sha256()
+    for step in mixture.steps:
+        h.update(repr((step.stream, step.refs)).encode())
+    return h.hexdigest()[:16]

@@ -19,12 +19,9 @@ release (reference/released-checkpoint.md), on purpose:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,12 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from training.engine.convert_adapters import require_converted
 from training.engine.feature_cache import FeatureCache, default_cache_dir
-from training.engine.mixture import Mixture, build_mixture
+from training.engine.mixture import Mixture, build_mixture, plan_fingerprint
 from training.engine.recipe import Recipe, Tune, load_recipe
+from training.engine.run_folder import RunPaths, plot_losses, save_checkpoint, save_final
 
-FINAL_DIR = "final"  # the model `load_model` / `--model` reads, inside the run folder
-CHECKPOINTS_DIR = "checkpoints"
-KEEP_CHECKPOINTS = 2
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "num_crops")
 
 
@@ -156,14 +151,6 @@ def accumulation_steps(recipe: Recipe, world: int) -> int:
     return recipe.global_batch_size // per_step
 
 
-def plan_fingerprint(mixture: Mixture) -> str:
-    """Hash of the step plan: a checkpoint only resumes the run it was planned for."""
-    h = hashlib.sha256()
-    for step in mixture.steps:
-        h.update(repr((step.stream, step.refs)).encode())
-    return h.hexdigest()[:16]
-
-
 def missing_images(mixture: Mixture, limit: int = 10) -> list[str]:
     missing = []
     for records in mixture.datasets:
@@ -191,30 +178,6 @@ def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 # ---- the run ---------------------------------------------------------------------------------
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def final(self) -> Path:
-        return self.root / FINAL_DIR
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
-
-    def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:07d}"
-
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoints.glob("step-*/trainer_state.json"))
-        return found[-1].parent if found else None
 
 
 def resolve_init(recipe: Recipe) -> str:
@@ -280,61 +243,6 @@ def configure_deepspeed(accelerator, recipe: Recipe, accum: int) -> None:
     config["gradient_accumulation_steps"] = accum
     config["train_batch_size"] = recipe.global_batch_size
     config["gradient_clipping"] = recipe.max_grad_norm
-
-
-def save_final(accelerator, model, processor, recipe: Recipe, paths: RunPaths, steps: int, init: str) -> None:
-    """final/ is a plain model folder (LoRA merged in) that `load_model` reads. The LLM's change
-    since the tiny default also goes to final/adapter/, as one PEFT LoRA adapter (earlier stages'
-    adapters, read from the init folder, followed by this stage's; dragonfly_med/checkpoints/lora.py says
-    how), while it is one: a stage that trains the LLM's full weights ends the chain."""
-    from dragonfly_med.checkpoints.lora import (
-        ADAPTER_DIR,
-        adapters,
-        concat_adapters,
-        load_adapters,
-        merge_lora,
-        save_adapters,
-    )
-
-    unwrapped = accelerator.unwrap_model(model)
-    previous = Path(init) / ADAPTER_DIR
-    chain = load_adapters(previous) if previous.is_dir() and (recipe.lora_rank or not recipe.tune.llm) else None
-    if recipe.lora_rank:
-        chain = concat_adapters(chain or {}, adapters(unwrapped.language_model))
-        merge_lora(unwrapped.language_model)
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards
-    if accelerator.is_main_process:
-        if paths.final.exists():
-            shutil.rmtree(paths.final)
-        unwrapped.save_pretrained(paths.final, state_dict=state_dict)
-        processor.save_pretrained(paths.final)
-        if chain:
-            save_adapters(chain, paths.final / ADAPTER_DIR)
-        (paths.final / "README.md").write_text(
-            f"# Dragonfly-Med, trained with recipe `{recipe.name}`\n\n{recipe.description}\n\n"
-            f"Started from `{recipe.init_from}`; {steps} optimizer steps of {recipe.global_batch_size} samples; "
-            f"trained: {', '.join(k for k, v in vars(recipe.tune).items() if v)}.\n"
-            f"Load with `load_model('{paths.final}')` or `--model {paths.final}`.\n\nResearch model, not for diagnostic use.\n"
-        )
-    accelerator.wait_for_everyone()
-
-
-def plot_losses(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.set_title(out.parent.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
 
 
 def train(recipe: Recipe, output: Path | None = None, resume: str | None = None) -> dict:
@@ -483,17 +391,6 @@ def cached_embeds(cache: FeatureCache, model: nn.Module, processor, image_paths:
     projector, with the crops of the processor's levels: what `encode_images` gives from pixels."""
     levels = processor.image_processor.geometry_obj.levels
     return [cache.embeds(model, cache.features(model, processor.image_processor, p), levels) for p in image_paths]
-
-
-def save_checkpoint(accelerator, paths: RunPaths, step: int, mixture: Mixture) -> None:
-    """Model, optimizer, scheduler and RNG states (accelerate) + the step; older ones pruned."""
-    target = paths.checkpoint(step)
-    accelerator.save_state(str(target))
-    if accelerator.is_main_process:
-        (target / "trainer_state.json").write_text(json.dumps({"step": step, "plan": plan_fingerprint(mixture)}))
-        for old in sorted(paths.checkpoints.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

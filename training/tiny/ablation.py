@@ -122,7 +122,8 @@ def run_variant(
     from dragonfly_med.checkpoints.loading import load_model
     from dragonfly_med.checkpoints.tiny import base_model_dir
     from training.engine.recipe import load_recipe
-    from training.engine.trainer import FINAL_DIR, train
+    from training.engine.run_folder import FINAL_DIR
+    from training.engine.trainer import train
     from training.offline_med.evaluate import answer_all
 
     folder = args.output / f"seed{seed}" / name.replace("+", "")

@@ -156,7 +156,8 @@ def run_stages(
     interrupted ones. `replay`: the replay data file (in `data_dir`) of the stages that mix it
     in. Returns the last stage's final folder and a log of what ran."""
     from training.engine.recipe import load_recipe
-    from training.engine.trainer import FINAL_DIR, train
+    from training.engine.run_folder import FINAL_DIR
+    from training.engine.trainer import train
 
     if any(plan.data == NAMING_DATA for plan in stages):
         ensure_naming_data(data_dir)
