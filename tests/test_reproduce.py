@@ -19,14 +19,15 @@ from training.engine.records import write_jsonl
 from training.engine.trainer import fast_precision
 from training.offline_med.evaluate import score
 from training.tiny import ablation
+from training.tiny.model_card import model_card
 from training.tiny.replay_text import replay_records, training_images
 from training.tiny.reproduce import (
     BUDGETS,
+    LORA_ALPHA,
     LORA_RANK,
     add_arguments,
     export_adapters,
     export_projector,
-    model_card,
     run_stages,
     stage_overrides,
     stage_plans,
@@ -99,7 +100,7 @@ def test_stages_chain_skip_when_done_and_export_the_assets(data_dir, tmp_path):
     rows = [{"family": "modality", "answer_type": "closed", "reference": "CT", "prediction": "CT"}]
     scores = score(rows) | {"seed": 0}
     result = scores | {"baselines": {"no_image": score(rows), "untrained_projector": score(rows)}}
-    card = model_card(result, again, "smoke", data_dir)
+    card = model_card(result, again, "smoke", data_dir, LORA_RANK, LORA_ALPHA)
     assert "| 3 | `tiny-med-stage3` | 4 x 1 epochs + replay every 2 steps |" in card and "**100.0%**" in card
     projector = load_file(
         export_projector(
