@@ -18,13 +18,8 @@ from dragonfly_med.model.configuration_dragonfly import DragonflyConfig
 from dragonfly_med.model.modeling_dragonfly import DragonflyForConditionalGeneration
 from dragonfly_med.model.processing_dragonfly import DragonflyProcessor
 from training.engine.feature_cache import FeatureCache
-from training.offline_med.evaluate import (
-    evaluate_offline_med,
-    load_split,
-    score,
-    subsample,
-    table,
-)
+from training.offline_med.evaluate import evaluate_offline_med, load_split, subsample
+from training.offline_med.scoring import score, table
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_records_are_valid_llava(built, records):
 def test_closed_answers_commit_to_one_of_the_options_named_in_the_question(records):
     """A closed answer is a sentence with the evidence first ("This is a CT, so no.", "This is
     a CT."); the option it commits to is its `truth`, which the evaluation finds in it."""
-    from training.offline_med.evaluate import committed_answer
+    from training.offline_med.scoring import committed_answer
 
     closed = [r for split in SPLITS for r in records[split] if r["answer_type"] == "closed"]
     assert closed

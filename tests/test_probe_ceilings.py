@@ -12,7 +12,8 @@ from offline_med_fake import random_model
 from PIL import Image
 
 from training.engine.feature_cache import FeatureCache
-from training.offline_med.evaluate import read_probe_ceilings, score
+from training.offline_med.evaluate import read_probe_ceilings
+from training.offline_med.scoring import score
 from training.tiny.probe_ceilings import answer_from, as_question, probe_ceilings, write_ceilings
 
 

@@ -17,7 +17,7 @@ from training.engine import trainer
 from training.engine.recipe import load_recipe
 from training.engine.records import write_jsonl
 from training.engine.trainer import fast_precision
-from training.offline_med.evaluate import score
+from training.offline_med.scoring import score
 from training.tiny import ablation
 from training.tiny.model_card import model_card
 from training.tiny.replay_text import replay_records, training_images

@@ -167,7 +167,7 @@ def run_variant(
 def variant_scores(rows: list[dict]) -> dict:
     """Closed accuracy (offline_eval.score: the option an answer commits to) on the fine-detail
     questions and on the coarse ones, plus the strict whole-answer match for reference."""
-    from training.offline_med.evaluate import score
+    from training.offline_med.scoring import score
 
     fine = score([r for r in rows if r["family"] == "fine_detail"])
     coarse = score([r for r in rows if r["family"] in COARSE])

@@ -53,7 +53,7 @@ def model_card(
     result: dict, log: list[dict], budget: str, data_dir: Path, lora_rank: int, lora_alpha: int
 ) -> str:
     """assets/tiny/README.md: what was trained, on what, how well, and what it cannot do."""
-    from training.offline_med.evaluate import table
+    from training.offline_med.scoring import table
 
     manifest = json.loads((data_dir / "manifest.json").read_text())
 
