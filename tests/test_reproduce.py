@@ -155,6 +155,10 @@ def test_ablation_summary_keys():
         and summary["delta_LMH_minus_L"]["fine_detail"] == 0.25
     )
     assert "**met**" in ablation.markdown(summary)
+    # the page's command reproduces the run: a non-default budget is part of it
+    assert "--output runs/x-ablation --samples 8 " in ablation.markdown(summary)
+    default = ablation.summarise(results, Namespace(samples=ablation.DEFAULT_SAMPLES, init="tiny-base", output="runs/ablation"), n_train=10)
+    assert "`python -m training ablation --report-only`" in ablation.markdown(default)
 
 
 def test_replay_cadence_can_be_changed_or_turned_off():

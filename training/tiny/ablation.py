@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 COARSE = ("modality", "body_region", "plane", "window")
 RECIPE = "tiny-med-stage3"
 EPOCHS = 1  # one pass over each variant's samples, as in reproduce-tiny
+DEFAULT_SAMPLES = 240  # training samples per variant: what one session's CPU time allowed for 3 seeds
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
@@ -299,6 +300,8 @@ def markdown(summary: dict) -> str:
     output = summary.get("output", "runs/ablation")
     command = "python -m training ablation" + (f" --init {init}" if init != "tiny-base" else "")
     command += f" --output {output}" if output != "runs/ablation" else ""
+    samples = summary.get("train_samples_per_variant", DEFAULT_SAMPLES)
+    command += f" --samples {samples}" if samples != DEFAULT_SAMPLES else ""
     coarse = [x["coarse"] for x in v.values()]
     spread = 100 * (max(coarse) - min(coarse)) if coarse else 0.0
     return f"""# Zoom-in ablation in miniature (paper tables 1 and 3)
@@ -376,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folder (cached per variant and seed)",
     )
     parser.add_argument(
-        "--samples", type=int, default=240, help="training samples per variant (same for all)"
+        "--samples", type=int, default=DEFAULT_SAMPLES, help="training samples per variant (same for all)"
     )
     parser.add_argument(
         "--init",
