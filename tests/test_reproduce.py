@@ -155,10 +155,28 @@ def test_ablation_summary_keys():
         and summary["delta_LMH_minus_L"]["fine_detail"] == 0.25
     )
     assert "**met**" in ablation.markdown(summary)
-    # the page's command reproduces the run: a non-default budget is part of it
-    assert "--output runs/x-ablation --samples 8 " in ablation.markdown(summary)
+    # the page's command reproduces the run: a non-default budget and the seeds are part of it
+    assert "--output runs/x-ablation --samples 8 --seeds 0,1 --json`" in ablation.markdown(summary)
     default = ablation.summarise(results, Namespace(samples=ablation.DEFAULT_SAMPLES, init="tiny-base", output="runs/ablation"), n_train=10)
     assert "`python -m training ablation --report-only`" in ablation.markdown(default)
+
+
+def test_ablation_gap_uses_the_seeds_both_variants_finished():
+    """A variant with an extra seed keeps it in its own mean, but the headline gap compares L and
+    L+M+H on the seeds both finished; a page for a subset of variants names them in its command."""
+    def result(variant, seed, fine):
+        return {"variant": variant, "seed": seed, "fine_detail": fine, "coarse": 0.5, "n_fine_detail": 4,
+                "n_coarse": 4, "train_seconds": 1.0, "last_loss": 1.0}
+
+    results = [result("L", 0, 0.5), result("L", 1, 0.5), result("L", 2, 0.25), result("L+M+H", 0, 0.75), result("L+M+H", 1, 1.0)]
+    summary = ablation.summarise(results, Namespace(samples=ablation.DEFAULT_SAMPLES, init="tiny-base", output="runs/ablation"), n_train=10)
+    assert summary["variants"]["L"]["seeds"] == [0, 1, 2] and summary["variants"]["L"]["fine_detail"] == 0.4167
+    assert summary["delta_LMH_minus_L"] == {"fine_detail": 0.375, "coarse": 0.0, "seeds": [0, 1]}
+    page = ablation.markdown(summary)
+    assert "L+M+H minus L (seeds 0, 1): **+37.5 points**" in page
+    assert "`python -m training ablation --variants L,L+M+H --seeds 0,1,2 --json`" in page
+    with pytest.raises(ValueError, match=r"unknown variant 'L\+X'"):
+        ablation.chosen_variants("L,L+X")
 
 
 def test_replay_cadence_can_be_changed_or_turned_off():
