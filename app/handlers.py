@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
@@ -129,22 +130,22 @@ class Handlers:
         return self._select(session, None, int(choice), "Series")
 
     def _select(self, session: UserSession, index: int | None, series_index: int | None, what: str) -> dict:
-        """Show another slice or series of the upload; only the state comes back when nothing changed."""
+        """Show another slice or series of the upload."""
         if session.upload is None:
             return {self.state: session}
-        try:
-            if not session.select_slice(index, series_index):
-                return {self.state: session}
-        except IngestError as exc:
-            return {self.upload_msg: f"⚠️ {exc}", self.state: session}
-        return self.view_updates(session, f"{what} changed: new conversation about the new pixels.")
+        return self._change_view(session, lambda: session.select_slice(index, series_index), what)
 
     def _redisplay(self, session: UserSession, window, frame: int | None, what: str) -> dict:
-        """Re-decode the session's file; only the state comes back when nothing changed."""
+        """Re-decode the session's file with another window or frame."""
         if session.view is None:
             return {self.state: session}
+        return self._change_view(session, lambda: session.redisplay(window, frame), what)
+
+    def _change_view(self, session: UserSession, change: Callable[[], bool], what: str) -> dict:
+        """Apply a change of view; only the state comes back when nothing changed, and a file
+        that cannot show the new view leaves the old one with a warning."""
         try:
-            if not session.redisplay(window, frame):
+            if not change():
                 return {self.state: session}
         except IngestError as exc:
             return {self.upload_msg: f"⚠️ {exc}", self.state: session}
