@@ -187,6 +187,10 @@ def test_ablation_gap_uses_the_seeds_both_variants_finished():
     page = ablation.markdown(summary)
     assert "L+M+H minus L (seeds 0, 1): **+37.5 points**" in page
     assert "`python -m training ablation --variants L,L+M+H --seeds 0,1,2 --json`" in page
+    for r in results:
+        r["fine_detail_by_kind"] = {"dot": r["fine_detail"]}
+    page = ablation.markdown(ablation.summarise(results, Namespace(samples=8, init="tiny-base", output="runs/ablation"), n_train=10))
+    assert "| L | 41.7 (50 / 50 / 25) |" in page  # the kind of detail each seed learnt to read
     with pytest.raises(ValueError, match=r"unknown variant 'L\+X'"):
         ablation.chosen_variants("L,L+X")
 

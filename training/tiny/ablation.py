@@ -155,7 +155,7 @@ def run_variant(
         "variant": name,
         "seed": seed,
         "levels": list(VARIANTS[name]),
-        **variant_scores(rows),
+        **variant_scores(rows, args.data),
         "train_steps": len(metrics),
         "first_loss": metrics[0]["loss"],
         "last_loss": metrics[-1]["loss"],
@@ -168,20 +168,37 @@ def run_variant(
     return result
 
 
-def variant_scores(rows: list[dict]) -> dict:
+def variant_scores(rows: list[dict], data_dir: Path) -> dict:
     """Closed accuracy (offline_eval.score: the option an answer commits to) on the fine-detail
-    questions and on the coarse ones, plus the strict whole-answer match for reference."""
+    questions, per kind of detail, and on the coarse ones, plus the strict whole-answer match."""
     from training.offline_med.scoring import score
 
-    fine = score([r for r in rows if r["family"] == "fine_detail"])
+    fine_rows = [r for r in rows if r["family"] == "fine_detail"]
+    kinds = detail_kinds(data_dir)
+    by_kind: dict[str, list[dict]] = {}
+    for row in fine_rows:
+        by_kind.setdefault(kinds.get(row["id"], "?"), []).append(row)
+    fine = score(fine_rows)
     coarse = score([r for r in rows if r["family"] in COARSE])
     return {
         "fine_detail": fine["closed_accuracy"],
+        "fine_detail_by_kind": {k: score(v)["closed_accuracy"] for k, v in sorted(by_kind.items())},
         "coarse": coarse["closed_accuracy"],
         "fine_detail_strict": fine["closed_accuracy_strict"],
         "coarse_strict": coarse["closed_accuracy_strict"],
         "n_fine_detail": fine["n"],
         "n_coarse": coarse["n"],
+    }
+
+
+def detail_kinds(data_dir: Path) -> dict[str, str]:
+    """Test fine-detail question id -> the kind of its detail (texture of a lesion, dot, label)."""
+    from training.offline_med.evaluate import load_split
+
+    return {
+        r["id"]: r["detail"]["kind"]
+        for r in load_split(data_dir, "test")
+        if r["family"] == "fine_detail" and "detail" in r
     }
 
 
@@ -192,7 +209,7 @@ def rescored(result_path: Path, data_dir: Path) -> dict:
     result = json.loads(result_path.read_text())
     predictions = result_path.parent / "predictions.jsonl"
     rows = [json.loads(line) for line in predictions.read_text().splitlines() if line]
-    return result | variant_scores(with_options(rows, data_dir))
+    return result | variant_scores(with_options(rows, data_dir), data_dir)
 
 
 def mean(values: list[float | None]) -> float | None:
@@ -210,11 +227,16 @@ def summarise(results: list[dict], args: argparse.Namespace, n_train: int, probe
         variants[name] = {
             **{k: mean([r.get(k) for r in mine]) for k in SCORES},
             **{f"{k}_strict": mean([r.get(f"{k}_strict") for r in mine]) for k in SCORES},
+            "fine_detail_by_kind": {
+                kind: mean([r.get("fine_detail_by_kind", {}).get(kind) for r in mine])
+                for kind in sorted({k for r in mine for k in r.get("fine_detail_by_kind", {})})
+            },
             "seeds": [r["seed"] for r in mine],
             "per_seed": {
                 str(r["seed"]): {
                     "fine_detail": r["fine_detail"],
                     "coarse": r["coarse"],
+                    "fine_detail_by_kind": r.get("fine_detail_by_kind", {}),
                     "last_loss": round(r["last_loss"], 4),
                 }
                 for r in mine
@@ -329,7 +351,7 @@ the mean over the seeds it finished, listed per seed.
 {rows}
 
 {verdict}
-
+{kind_table(summary)}
 ## Reading it
 {high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
   counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
@@ -350,6 +372,29 @@ the mean over the seeds it finished, listed per seed.
   ChartQA 21.6 -> 56.2, coarser ones a few points, ScienceQA 76.0 -> 79.7 and AI2D 60.6 -> 64.2;
   table 3 shows that most of the gain comes from featurising sub-crops at all.
 """
+
+
+def kind_table(summary: dict) -> str:
+    """Fine detail per kind of detail, seeds averaged: which detail a variant learnt to read."""
+    v = summary["variants"]
+    kinds = sorted({k for x in v.values() for k in x.get("fine_detail_by_kind", {})})
+    if not kinds:
+        return ""
+    head = "| levels | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n"
+
+    def cell(x: dict, kind: str) -> str:
+        seeds = " / ".join(
+            f"{100 * p['fine_detail_by_kind'][kind]:.0f}"
+            for p in x["per_seed"].values()
+            if kind in p.get("fine_detail_by_kind", {})
+        )
+        return f"{100 * x['fine_detail_by_kind'].get(kind, 0):.1f} ({seeds})"
+
+    rows = "".join(f"| {name} | " + " | ".join(cell(x, k) for k in kinds) + " |\n" for name, x in v.items())
+    return (
+        "\nFine detail per kind of detail (%, seeds averaged, then per seed; `texture`: is a round "
+        f"lesion speckled or uniform inside):\n\n{head}{rows}"
+    )
 
 
 def budget_reading(summary: dict) -> str:
