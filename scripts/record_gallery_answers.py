@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 torch.set_num_threads(1)
 from test_tiny import GALLERY_ANSWERS, GALLERY_TOKENS, gallery_answers  # noqa: E402
 

@@ -25,11 +25,9 @@ from training.tiny.reproduce import (
     BUDGETS,
     LORA_ALPHA,
     LORA_RANK,
-    RARE_DATA,
     add_arguments,
     export_adapters,
     export_projector,
-    rare_records,
     run_stages,
     stage_overrides,
     stage_plans,
@@ -58,22 +56,12 @@ def test_overrides_freeze_the_tower_and_give_the_llm_adapters(data_dir):
             and recipe.mixed_precision == fast_precision()
             and recipe.epochs == 1
         )
-        rare = [(RARE_DATA, plan.rare_count, ".", None)] if plan.rare_count else []
         assert [(d.path, d.count, d.image_root, d.interleave_every) for d in recipe.datasets] == [
             (plan.data, plan.count, ".", None)
-        ] + rare + ([("replay.jsonl", None, ".", plan.replay_every)] if trains_llm else [])
+        ] + ([("replay.jsonl", None, ".", plan.replay_every)] if trains_llm else [])
     assert (
         load_recipe("tiny-med-stage1").tune.vision_encoder is True
     )  # the recipe file is untouched
-
-
-def test_stage3_draws_as_many_samples_again_from_the_rare_families():
-    """A family's share of stage 3 does not follow how many records its generator wrote: the
-    families under RARE_SHARE of the records get a stream of their own."""
-    rows = [{"family": "modality"}] * 18 + [{"family": "fine_detail"}] * 1 + [{"family": "window"}] * 1
-    assert rare_records(rows) == [{"family": "fine_detail"}, {"family": "window"}]
-    stage3 = BUDGETS["cpu"][2]
-    assert stage3.rare_count == stage3.count and not any(p.rare_count for p in BUDGETS["cpu"][:2])
 
 
 def test_stages_train_in_fp32_where_the_cpu_only_emulates_bf16(data_dir, monkeypatch):

@@ -142,8 +142,8 @@ def test_shipped_tiny_names_the_modality_of_the_gallery_images(tiny):
 
 @pytest.mark.slow
 def test_shipped_tiny_gives_the_recorded_gallery_answers(tiny):
-    """Token for token what the shipped assets answered when they were recorded, whatever code
-    loads them (the recording predates the move of the adapters to PEFT's format)."""
+    """Token for token what the shipped assets answered when they were recorded
+    (scripts/record_gallery_answers.py, run when new assets ship), whatever code loads them."""
     model, processor, _ = tiny
     recorded = json.loads(GALLERY_ANSWERS.read_text())["answers"]
     answers = gallery_answers(model, processor)

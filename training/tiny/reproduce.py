@@ -11,13 +11,8 @@ recorded in the model card, never written into the recipe files:
   its captions; stage 2: the naming questions only, choose-one and open (`train-naming.jsonl`,
   no yes/no: a small LLM learns to name what it sees before it learns to check a named option,
   and a yes/no answer is built on the naming, "This is a CT, so no."); stage 3: every kind of
-  training record: questions, descriptions and multi-turn chats (a stage 3 of short answers
-  only taught the model to answer "Describe this image" with one word), and as many samples
-  again from the rare families' stream (`train-rare.jsonl`: families under 10% of the
-  records). Drawn in proportion, a family like fine detail (8% of the records) got ~170 of
-  stage 3's ~2,200 answers, and on new views of the training sources run 13 stayed at 56-67% on fine
-  detail and CT window where modality reached 100%; the zoom-in ablation needed ~480
-  fine-detail samples before the LLM read the high crops (docs/ablation.md). Both join each
+  training record: questions, descriptions and multi-turn chats. A stage 3 of short answers
+  only taught the model to answer "Describe this image" with one word). Both join each
   image's questions into conversations of up to `turns_per_image` turns: about 3/4 of a
   single question's positions are the image's, so a joined sample trains several answers for
   little more than the cost of one;
@@ -47,8 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,14 +68,11 @@ class StagePlan:
     learning_rate: float | None = None
     replay_every: int | None = None  # one micro-batch of replay data every N optimizer steps
     turns_per_image: int | None = None  # join each image's questions into conversations
-    rare_count: int = 0  # extra samples from the rare families' stream (RARE_DATA)
 
 
 LORA_RANK = 16
 LORA_ALPHA = 32
 NAMING_DATA = "train-naming.jsonl"
-RARE_DATA = "train-rare.jsonl"
-RARE_SHARE = 0.10  # a family with fewer than this share of the training records is "rare"
 # Sample counts per stage (joined conversations of up to 4 questions in stages 2-3). "cpu" is
 # sized for a 2-core CPU to finish within 120 minutes from scratch without bf16 hardware (AVX2,
 # fp32), about half that with native bf16. "smoke" is for tests.
@@ -90,12 +80,12 @@ BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 432, 72),
         StagePlan("tiny-med-stage2", NAMING_DATA, 512, 64, 5e-4, replay_every=5, turns_per_image=4),
-        StagePlan("tiny-med-stage3", "train.jsonl", 576, 96, 5e-4, replay_every=5, turns_per_image=4, rare_count=576),
+        StagePlan("tiny-med-stage3", "train.jsonl", 1152, 96, 5e-4, replay_every=5, turns_per_image=4),
     ),
     "smoke": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 2, 1),
         StagePlan("tiny-med-stage2", NAMING_DATA, 4, 1, 5e-4, replay_every=2, turns_per_image=2),
-        StagePlan("tiny-med-stage3", "train.jsonl", 2, 1, 5e-4, replay_every=2, rare_count=2),
+        StagePlan("tiny-med-stage3", "train.jsonl", 4, 1, 5e-4, replay_every=2),
     ),
 }
 # The replay data of each budget: (how many of the requests, max new tokens per answer).
@@ -116,8 +106,6 @@ def stage_overrides(
     """The recipe overrides of one stage (see the module docstring for why each exists)."""
     joined = f", turns_per_image: {plan.turns_per_image}" if plan.turns_per_image else ""
     dataset = f"{{name: offline-med-{Path(plan.data).stem}, path: {plan.data}, image_root: ., count: {plan.count}, domain: biomedical{joined}}}"
-    if plan.rare_count:
-        dataset += f", {{name: offline-med-{Path(RARE_DATA).stem}, path: {RARE_DATA}, image_root: ., count: {plan.rare_count}, domain: biomedical{joined}}}"
     if replay and plan.replay_every:
         dataset += f", {{name: replay, path: {replay}, image_root: ., interleave_every: {plan.replay_every}}}"
     overrides = [
@@ -143,38 +131,18 @@ def is_yes_no(record: dict) -> bool:
     return record.get("options") == ["yes", "no"]
 
 
-def ensure_subset(data_dir: Path, name: str, select: Callable[[list[dict]], list[dict]], why: str) -> Path:
-    """`name`: the training records `select` keeps, rewritten whenever train.jsonl is newer."""
-    source, target = data_dir / "train.jsonl", data_dir / name
+def ensure_naming_data(data_dir: Path) -> Path:
+    """`train-naming.jsonl`: the training records that name what the image shows (choose-one
+    and open questions, descriptions), without yes/no questions or the multi-turn chats that
+    hold them: stage 2's curriculum. Rewritten whenever train.jsonl is newer."""
+    source, target = data_dir / "train.jsonl", data_dir / NAMING_DATA
     if target.is_file() and target.stat().st_mtime >= source.stat().st_mtime:
         return target
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    kept = select(rows)
+    kept = [r for r in rows if not is_yes_no(r) and r["family"] != "multi_turn"]
     target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    print(f"[reproduce] {target}: {len(kept)} of {len(rows)} training records ({why})")
+    print(f"[reproduce] {target}: {len(kept)} of {len(rows)} training records (no yes/no)")
     return target
-
-
-def naming_records(rows: list[dict]) -> list[dict]:
-    """The records that name what the image shows (choose-one and open questions,
-    descriptions), without yes/no questions or the multi-turn chats that hold them."""
-    return [r for r in rows if not is_yes_no(r) and r["family"] != "multi_turn"]
-
-
-def rare_records(rows: list[dict]) -> list[dict]:
-    """The records of the families with fewer than RARE_SHARE of all the records."""
-    counts = Counter(r["family"] for r in rows)
-    return [r for r in rows if counts[r["family"]] < RARE_SHARE * len(rows)]
-
-
-def ensure_stage_data(data_dir: Path, stages: tuple[StagePlan, ...]) -> None:
-    """The subsets of train.jsonl the stages read: stage 2's curriculum (`train-naming.jsonl`)
-    and stage 3's second stream (`train-rare.jsonl`), so that a family is not learnt in
-    proportion to how many records its generator wrote."""
-    if any(plan.data == NAMING_DATA for plan in stages):
-        ensure_subset(data_dir, NAMING_DATA, naming_records, "no yes/no")
-    if any(plan.rare_count for plan in stages):
-        ensure_subset(data_dir, RARE_DATA, rare_records, f"families under {RARE_SHARE:.0%} of the records")
 
 
 def run_stages(
@@ -192,7 +160,8 @@ def run_stages(
     from training.engine.run_folder import FINAL_DIR
     from training.engine.trainer import train
 
-    ensure_stage_data(data_dir, stages)
+    if any(plan.data == NAMING_DATA for plan in stages):
+        ensure_naming_data(data_dir)
     log = []
     for index, plan in enumerate(stages, start=1):
         folder = out / f"stage{index}"
