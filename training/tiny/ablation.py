@@ -155,7 +155,7 @@ def run_variant(
         "variant": name,
         "seed": seed,
         "levels": list(VARIANTS[name]),
-        **variant_scores(rows, args.data),
+        **variant_scores(rows, detail_kinds(records)),
         "train_steps": len(metrics),
         "first_loss": metrics[0]["loss"],
         "last_loss": metrics[-1]["loss"],
@@ -168,13 +168,12 @@ def run_variant(
     return result
 
 
-def variant_scores(rows: list[dict], data_dir: Path) -> dict:
+def variant_scores(rows: list[dict], kinds: dict[str, str]) -> dict:
     """Closed accuracy (offline_eval.score: the option an answer commits to) on the fine-detail
     questions, per kind of detail, and on the coarse ones, plus the strict whole-answer match."""
     from training.offline_med.scoring import score
 
     fine_rows = [r for r in rows if r["family"] == "fine_detail"]
-    kinds = detail_kinds(data_dir)
     by_kind: dict[str, list[dict]] = {}
     for row in fine_rows:
         by_kind.setdefault(kinds.get(row["id"], "?"), []).append(row)
@@ -191,25 +190,19 @@ def variant_scores(rows: list[dict], data_dir: Path) -> dict:
     }
 
 
-def detail_kinds(data_dir: Path) -> dict[str, str]:
-    """Test fine-detail question id -> the kind of its detail (texture of a lesion, dot, label)."""
-    from training.offline_med.evaluate import load_split
-
-    return {
-        r["id"]: r["detail"]["kind"]
-        for r in load_split(data_dir, "test")
-        if r["family"] == "fine_detail" and "detail" in r
-    }
+def detail_kinds(records: list[dict]) -> dict[str, str]:
+    """Fine-detail question id -> the kind of its detail (texture of a lesion, dot, label)."""
+    return {r["id"]: r["detail"]["kind"] for r in records if r["family"] == "fine_detail" and "detail" in r}
 
 
-def rescored(result_path: Path, data_dir: Path) -> dict:
+def rescored(result_path: Path, data_dir: Path, kinds: dict[str, str]) -> dict:
     """A cached variant result with its scores recomputed from its saved predictions."""
     from training.offline_med.evaluate import with_options
 
     result = json.loads(result_path.read_text())
     predictions = result_path.parent / "predictions.jsonl"
     rows = [json.loads(line) for line in predictions.read_text().splitlines() if line]
-    return result | variant_scores(with_options(rows, data_dir), data_dir)
+    return result | variant_scores(with_options(rows, data_dir), kinds)
 
 
 def mean(values: list[float | None]) -> float | None:
@@ -508,17 +501,18 @@ def chosen_variants(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from training.engine.feature_cache import FeatureCache, default_cache_dir
 
+    names = chosen_variants(args.variants)
     ensure_built(args.data)
     files = write_train_files(args.data)
     n_train = sum(1 for f in files for _ in (args.data / f).open())
     records = test_questions(args.data, args.fine, args.coarse_per_family)
     cache = FeatureCache(default_cache_dir())  # frozen, shared tower: one pass over the images
     probe = fine_probe_by_level(args, records, cache)
-    names = chosen_variants(args.variants)
     results = []
     if args.report_only:
         found = sorted(args.output.glob("seed*/*/result.json"))
-        results = [r for r in (rescored(p, args.data) for p in found) if r["variant"] in names]
+        kinds = detail_kinds(records)
+        results = [r for r in (rescored(p, args.data, kinds) for p in found) if r["variant"] in names]
         summary = summarise(results, args, n_train, probe)
         write_docs(summary, args.docs)
         print(json.dumps(summary, indent=2))
