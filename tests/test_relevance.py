@@ -3,9 +3,10 @@
 The crafted image is dark with one bright label in its top-right corner, inside one high crop.
 What the method shows there (stated, not hoped for): the low view (the whole image, label
 included, 49 of the 209 visual tokens) takes the largest share of all; among the 36 high crops
-the label's crop takes the largest, and several times what the same crop takes on the blank
-image. The top-right corner is used because the last crop of the block (bottom-right) draws
-extra share from its position alone, which would confound a label placed there.
+the label's crop takes the largest outside the bottom row, and several times what the same crop
+takes on the blank image. The top-right corner is used because the last row of the block (the
+bottom row, bottom-right most) draws extra share from its position alone, which would confound
+a label placed there.
 """
 
 from __future__ import annotations
@@ -71,11 +72,11 @@ def test_label_crop_leads_the_high_crops_and_the_low_view_leads_all(engine: Chat
     blank = explain(engine, snapshot(answered(engine, crafted(label=False))))
     high = {(c.crop.col, c.crop.row): c.share for c in labelled.crops if c.crop.level == "high"}
     # what the method shows: the whole-image view first, then the label's high crop, except for
-    # the block's last crop (bottom-right), which can lead on its position next to the question
-    # alone (docs/relevance.md): it is left out of the comparison
+    # the block's last row (bottom), whose crops can lead on their position next to the question
+    # alone, on the blank image too (docs/relevance.md): it is left out of the comparison
     assert max(labelled.crops, key=lambda c: c.share).crop.level == "low"
-    last = max(high)
-    others = {k: v for k, v in high.items() if k != last}
+    last_row = max(row for _, row in high)
+    others = {k: v for k, v in high.items() if k[1] != last_row}
     assert max(others, key=others.get) == LABEL_CROP[1:], sorted(high.items(), key=lambda kv: -kv[1])[:4]
     assert share_of(labelled, *LABEL_CROP) > 2 * share_of(blank, *LABEL_CROP)
 
