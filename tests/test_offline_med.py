@@ -319,7 +319,6 @@ def test_fundus_views_include_red_free_and_zoomed_renderings():
     assert all(v.modality == "fundus photograph" and v.body_region == "eye" for v in views)
 
 
-
 def test_simulated_fundus_is_a_new_eye_per_draw_and_reproducible_by_seed():
     from training.offline_med.simulated_fundus import simulate_fundus
 
@@ -343,8 +342,10 @@ def test_simulated_fundus_and_stardist_histology_are_training_sources():
     scale = replace(offline_med_sources.SCALES["small"], views_2d=3)
     views = list(simulated.make_views(simulated, random.Random(0), scale))
     assert len(views) == 3 and all(max(v.image.size) == offline_med_sources.DISPLAY_SIDE for v in views)
-    if "stardist:histo" in sources:  # requirements-weights.txt installs it
-        assert sources["stardist:histo"].split == "train" and sources["stardist:histo"].modality == "histology"
+    histo = sources["stardist:histo"]
+    assert histo.path is not None and histo.path.is_file(), "stardist missing: pip install --no-deps -r requirements-weights.txt"
+    assert (histo.split, histo.modality) == ("train", "histology")
+    assert len(list(histo.make_views(histo, random.Random(0), scale))) == 3
 
 
 def frame_thumbnail(path: Path) -> np.ndarray:

@@ -34,13 +34,14 @@ def simulate_fundus(rng: random.Random, side: int = 768) -> Image.Image:
     disc_radius = side * rng.uniform(0.045, 0.06)
     macula = (disc[0] - nasal * 5 * disc_radius, disc[1] + side * rng.uniform(0.0, 0.03))
 
-    retina = retina_background(rng, side, centre, radius)
+    to_centre = distance_from(side, (centre, centre))
+    retina = retina_background(rng, side, to_centre / radius)
     retina = darken_macula(retina, macula, disc_radius, rng)
     retina = paint_disc(retina, disc, disc_radius, rng)
     retina = apply_vessels(retina, vessel_map(rng, side, disc, disc_radius, macula, nasal))
     if rng.random() < 0.5:
         retina = paint_retinopathy(retina, rng, macula, disc_radius)
-    field = distance_from(side, (centre, centre)) <= radius
+    field = to_centre <= radius
     image = np.where(field[..., None], retina, 0.0)
     return Image.fromarray(np.clip(image * 255, 0, 255).astype(np.uint8))
 
@@ -59,11 +60,12 @@ def smooth_noise(rng: random.Random, side: int, blur: float) -> np.ndarray:
     return (blurred - blurred.min()) / spread * 2 - 1
 
 
-def retina_background(rng: random.Random, side: int, centre: float, radius: float) -> np.ndarray:
-    """The orange-red fundus, pigmented per eye, mottled, darker towards the field's edge."""
+def retina_background(rng: random.Random, side: int, eccentricity: np.ndarray) -> np.ndarray:
+    """The orange-red fundus, pigmented per eye, mottled, darker towards the field's edge
+    (`eccentricity`: each pixel's distance from the centre over the field's radius)."""
     base = np.array([rng.uniform(0.72, 0.92), rng.uniform(0.3, 0.45), rng.uniform(0.1, 0.22)], np.float32)
     mottle = 1 + 0.08 * smooth_noise(rng, side, side / 60)[..., None]
-    vignette = 1 - 0.45 * np.clip(distance_from(side, (centre, centre)) / radius, 0, 1)[..., None] ** 2
+    vignette = 1 - 0.45 * np.clip(eccentricity, 0, 1)[..., None] ** 2
     return base * mottle * vignette
 
 
@@ -153,19 +155,27 @@ def apply_vessels(retina: np.ndarray, vessels: np.ndarray) -> np.ndarray:
     return retina * (1 - vessels[..., None] * absorb)
 
 
+# kind -> (count range per eye, radius as a fraction of the side, colour)
+RETINOPATHY_LESIONS = {
+    "microaneurysm": ((5, 30), 0.002, (90, 20, 15)),
+    "haemorrhage": ((0, 6), 0.008, (90, 20, 15)),
+    "exudate": ((0, 12), 0.004, (235, 215, 120)),
+}
+
+
 def paint_retinopathy(retina: np.ndarray, rng: random.Random, macula: Point, disc_radius: float) -> np.ndarray:
     """Diabetic retinopathy's signs around the macula: dark red microaneurysms (tiny dots) and
     blot haemorrhages (larger, soft), and yellow hard exudates."""
     side = retina.shape[0]
     image = Image.fromarray(np.clip(retina * 255, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    lesions = [("microaneurysm", rng.randint(5, 30)), ("haemorrhage", rng.randint(0, 6)), ("exudate", rng.randint(0, 12))]
-    for kind, count in lesions:
+    lesions = list(RETINOPATHY_LESIONS.values())
+    counts = [rng.randint(*count_range) for count_range, _, _ in lesions]  # drawn before any position
+    for (_, radius, colour), count in zip(lesions, counts, strict=True):
         for _ in range(count):
             angle, distance = rng.uniform(0, 2 * math.pi), rng.uniform(1.2, 6.0) * disc_radius
             x, y = macula[0] + distance * math.cos(angle), macula[1] + distance * math.sin(angle)
-            size = {"microaneurysm": 0.002, "haemorrhage": 0.008, "exudate": 0.004}[kind] * side * rng.uniform(0.7, 1.4)
-            colour = (90, 20, 15) if kind != "exudate" else (235, 215, 120)
+            size = radius * side * rng.uniform(0.7, 1.4)
             draw.ellipse((x - size, y - size, x + size, y + size), fill=colour)
     softened = image.filter(ImageFilter.GaussianBlur(max(0.5, side / 1500)))
     return np.asarray(softened, dtype=np.float32) / 255
