@@ -194,3 +194,31 @@ def test_replay_cadence_can_be_changed_or_turned_off():
     for bad in ("1", "-3"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--replay-every", bad])
+
+
+def test_ablation_fine_detail_draw_is_balanced():
+    """The ablation's fine-detail test questions: equal kinds and, within a kind, the truth as
+    often first as second option, from a lopsided pool; the same draw every time."""
+    def question(n, kind, truth, options):
+        return {"id": f"{kind}-{n}", "detail": {"kind": kind}, "options": options, "truth": truth}
+
+    pool = (
+        [question(n, "texture", "uniform", ["speckled", "uniform"]) for n in range(30)]
+        + [question(30 + n, "texture", "speckled", ["speckled", "uniform"]) for n in range(7)]
+        + [question(n, "dot", "no", ["yes", "no"]) for n in range(20)]
+        + [question(20 + n, "dot", "yes", ["yes", "no"]) for n in range(20)]
+        + [question(n, "label", f"A{n}", [f"A{n}", f"B{n}"]) for n in range(12)]
+        + [question(12 + n, "label", f"C{n}", [f"D{n}", f"C{n}"]) for n in range(12)]
+    )
+    drawn = ablation.balanced_fine_detail(pool, 36)
+    cells = {}
+    for r in drawn:
+        key = (r["detail"]["kind"], r["options"].index(r["truth"]))
+        cells[key] = cells.get(key, 0) + 1
+    # 6 pairs per kind; texture has only 7 "speckled", so it keeps 6 of each
+    assert cells == {(k, p): 6 for k in ("dot", "label", "texture") for p in (0, 1)}
+    assert [r["id"] for r in drawn] == [r["id"] for r in ablation.balanced_fine_detail(pool, 36)]
+    assert len({r["id"] + r["detail"]["kind"] for r in drawn}) == len(drawn)
+    # a draw larger than the smallest cell keeps the balance by taking fewer
+    big = ablation.balanced_fine_detail(pool, 60)
+    assert sum(r["detail"]["kind"] == "texture" for r in big) == 14

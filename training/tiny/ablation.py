@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from training.engine.trainer import fast_precision
@@ -335,7 +337,8 @@ processes: `--seeds 2`).
 
 Scores: closed accuracy (%) on held-out TEST questions, the same ones for every variant:
 {n.get("fine_detail", "?")} fine-detail questions (a round lesion speckled or uniform inside, a 4-5 px dot or an ~8 px label on a 1344-1792 px canvas:
-yes/no and choose-one-of-2) and {n.get("coarse", "?")} coarse ones (modality, body region, plane, CT
+yes/no and choose-one-of-2; as many of each kind, and within a kind the truth as often the first
+as the second option, so a model that gives every question the same answer scores 50%) and {n.get("coarse", "?")} coarse ones (modality, body region, plane, CT
 window). A seed sets the training order (the test questions are fixed); each variant's score is
 the mean over the seeds it finished, listed per seed.
 
@@ -463,11 +466,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def test_questions(data_dir: Path, fine: int, coarse_per_family: int) -> list[dict]:
-    """The fixed TEST questions every variant answers: closed only, drawn with seed 0."""
+    """The fixed TEST questions every variant answers: closed only, drawn with seed 0, the
+    fine-detail ones balanced (`balanced_fine_detail`)."""
     from training.offline_med.evaluate import load_split, subsample
 
     closed = [r for r in load_split(data_dir, "test") if r["answer_type"] == "closed"]
-    return subsample(closed, fine, ("fine_detail",)) + subsample(closed, coarse_per_family, COARSE)
+    fine_detail = [r for r in closed if r["family"] == "fine_detail"]
+    return balanced_fine_detail(fine_detail, fine) + subsample(closed, coarse_per_family, COARSE)
+
+
+def balanced_fine_detail(records: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """At most `n` fine-detail questions, the same number of each detail kind and, within a
+    kind, of each answer position (the truth as first or second option).
+
+    A plain draw can be lopsided (session 16: 21 "uniform" to 12 "speckled", 11 "no" to 5
+    "yes"), so a model that gives every question the same answer scores well above 50% and
+    hides whether any variant reads the detail. Balanced, such a model scores exactly 50%.
+    """
+    rng = random.Random(f"{seed}-fine_detail")
+    cells: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        cells[record["detail"]["kind"]][record["options"].index(record["truth"])].append(record)
+    kinds = sorted(cells)
+    pairs = n // 2  # one question per answer position in each pair
+    drawn: list[dict] = []
+    for k, kind in enumerate(kinds):
+        positions = [cells[kind][p] for p in sorted(cells[kind])]
+        for group in positions:
+            rng.shuffle(group)
+        share = pairs // len(kinds) + (k < pairs % len(kinds))
+        per_position = min([share] + [len(g) for g in positions]) if len(positions) == 2 else 0
+        for group in positions:
+            drawn += group[:per_position]
+    return drawn
 
 
 def fine_probe_by_level(args: argparse.Namespace, records: list[dict], cache) -> dict:
