@@ -197,28 +197,33 @@ def test_replay_cadence_can_be_changed_or_turned_off():
 
 
 def test_ablation_fine_detail_draw_is_balanced():
-    """The ablation's fine-detail test questions: equal kinds and, within a kind, the truth as
-    often first as second option, from a lopsided pool; the same draw every time."""
+    """The ablation's fine-detail test questions, from a lopsided pool: as many of each kind and,
+    within a kind, of each answer and answer position; the same draw every time."""
     def question(n, kind, truth, options):
         return {"id": f"{kind}-{n}", "detail": {"kind": kind}, "options": options, "truth": truth}
 
+    both = (["speckled", "uniform"], ["uniform", "speckled"])
     pool = (
-        [question(n, "texture", "uniform", ["speckled", "uniform"]) for n in range(30)]
-        + [question(30 + n, "texture", "speckled", ["speckled", "uniform"]) for n in range(7)]
-        + [question(n, "dot", "no", ["yes", "no"]) for n in range(20)]
-        + [question(20 + n, "dot", "yes", ["yes", "no"]) for n in range(20)]
+        [question(n, "texture", "uniform", both[n % 2]) for n in range(40)]
+        + [question(40 + n, "texture", "speckled", both[n % 2]) for n in range(10)]
+        + [question(n, "dot", "no", ["yes", "no"]) for n in range(30)]
+        + [question(30 + n, "dot", "yes", ["yes", "no"]) for n in range(8)]
         + [question(n, "label", f"A{n}", [f"A{n}", f"B{n}"]) for n in range(12)]
         + [question(12 + n, "label", f"C{n}", [f"D{n}", f"C{n}"]) for n in range(12)]
     )
-    drawn = ablation.balanced_fine_detail(pool, 36)
+    drawn = ablation.balanced_fine_detail(pool, 48)
     cells = {}
     for r in drawn:
-        key = (r["detail"]["kind"], r["options"].index(r["truth"]))
+        key = (r["detail"]["kind"], r["truth"] if r["detail"]["kind"] != "label" else "", r["options"].index(r["truth"]))
         cells[key] = cells.get(key, 0) + 1
-    # 6 pairs per kind; texture has only 7 "speckled", so it keeps 6 of each
-    assert cells == {(k, p): 6 for k in ("dot", "label", "texture") for p in (0, 1)}
-    assert [r["id"] for r in drawn] == [r["id"] for r in ablation.balanced_fine_detail(pool, 36)]
-    assert len({r["id"] + r["detail"]["kind"] for r in drawn}) == len(drawn)
-    # a draw larger than the smallest cell keeps the balance by taking fewer
-    big = ablation.balanced_fine_detail(pool, 60)
-    assert sum(r["detail"]["kind"] == "texture" for r in big) == 14
+    expected = {("dot", "yes", 0): 8, ("dot", "no", 1): 8, ("label", "", 0): 8, ("label", "", 1): 8}
+    expected |= {("texture", t, p): 4 for t in ("speckled", "uniform") for p in (0, 1)}
+    assert cells == expected
+    assert [r["id"] for r in drawn] == [r["id"] for r in ablation.balanced_fine_detail(pool, 48)]
+    # always saying "no" / "uniform", or always taking the first option, scores 50%
+    def share(kinds, answer):
+        mine = [r for r in drawn if r["detail"]["kind"] in kinds]
+        return sum(answer(r) == r["truth"] for r in mine) / len(mine)
+
+    assert share({"dot"}, lambda r: "no") == share({"texture"}, lambda r: "uniform") == 0.5
+    assert share({"dot", "label", "texture"}, lambda r: r["options"][0]) == 0.5

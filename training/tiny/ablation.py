@@ -449,7 +449,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs/reproduce-tiny/stage1/final starts from a captions-aligned projector)",
     )
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (0,1,2 for error bars)")
-    parser.add_argument("--fine", type=int, default=64, help="test fine-detail questions (closed)")
+    parser.add_argument("--fine", type=int, default=72, help="test fine-detail questions (closed; 72 fill every balanced cell of the test split)")
     parser.add_argument(
         "--coarse-per-family", type=int, default=8, help="test questions per coarse family (closed)"
     )
@@ -476,29 +476,40 @@ def test_questions(data_dir: Path, fine: int, coarse_per_family: int) -> list[di
 
 
 def balanced_fine_detail(records: list[dict], n: int, seed: int = 0) -> list[dict]:
-    """At most `n` fine-detail questions, the same number of each detail kind and, within a
-    kind, of each answer position (the truth as first or second option).
+    """At most `n` fine-detail questions: as many of each detail kind and, within a kind, as
+    many of each answer (where a kind has two, like speckled / uniform) and of each answer
+    position (the truth as first or second option).
 
     A plain draw can be lopsided (session 16: 21 "uniform" to 12 "speckled", 11 "no" to 5
-    "yes"), so a model that gives every question the same answer scores well above 50% and
-    hides whether any variant reads the detail. Balanced, such a model scores exactly 50%.
+    "yes"), so a model that gives every question the same answer, or always picks the first
+    option, scores well above 50% and hides whether any variant reads the detail. Balanced,
+    such a model scores 50%.
     """
     rng = random.Random(f"{seed}-fine_detail")
-    cells: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    kinds: dict[str, list[dict]] = defaultdict(list)
     for record in records:
-        cells[record["detail"]["kind"]][record["options"].index(record["truth"])].append(record)
-    kinds = sorted(cells)
-    pairs = n // 2  # one question per answer position in each pair
+        kinds[record["detail"]["kind"]].append(record)
     drawn: list[dict] = []
-    for k, kind in enumerate(kinds):
-        positions = [cells[kind][p] for p in sorted(cells[kind])]
-        for group in positions:
-            rng.shuffle(group)
-        share = pairs // len(kinds) + (k < pairs % len(kinds))
-        per_position = min([share] + [len(g) for g in positions]) if len(positions) == 2 else 0
-        for group in positions:
-            drawn += group[:per_position]
+    for k, kind in enumerate(sorted(kinds)):
+        cells = answer_cells(kinds[kind])
+        for cell in cells:
+            rng.shuffle(cell)
+        share = n // len(kinds) + (k < n % len(kinds))
+        per_cell = min([share // len(cells)] + [len(c) for c in cells])
+        for cell in cells:
+            drawn += cell[:per_cell]
     return drawn
+
+
+def answer_cells(records: list[dict]) -> list[list[dict]]:
+    """One kind's questions grouped by (answer, answer position); the answer counts only where
+    the kind has at most two (a label's text is new every time), in a fixed order."""
+    two_answers = len({r["truth"] for r in records}) <= 2
+    cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for record in records:
+        answer = record["truth"] if two_answers else ""
+        cells[(answer, record["options"].index(record["truth"]))].append(record)
+    return [cells[key] for key in sorted(cells)]
 
 
 def fine_probe_by_level(args: argparse.Namespace, records: list[dict], cache) -> dict:
