@@ -227,3 +227,19 @@ def test_ablation_fine_detail_draw_is_balanced():
 
     assert share({"dot"}, lambda r: "no") == share({"texture"}, lambda r: "uniform") == 0.5
     assert share({"dot", "label", "texture"}, lambda r: r["options"][0]) == 0.5
+
+
+def test_ablation_page_names_each_kinds_gate():
+    """Per-kind probe ceilings go into the summary and the page says which gate each kind meets."""
+    results = [
+        {"variant": v, "seed": 0, "fine_detail": 0.5, "coarse": 0.6, "n_fine_detail": 4, "n_coarse": 4,
+         "train_seconds": 1.0, "last_loss": 1.0}
+        for v in ("L", "L+M+H")
+    ]
+    by_kind = {"dot": {"low": 0.5, "high": 0.5}, "texture": {"low": 0.54, "high": 0.96}, "blob": {"low": 0.9, "high": 0.95}}
+    summary = ablation.summarise(results, Namespace(samples=8, init="tiny-base", output="runs/x"), 10, {"low": 0.5, "high": 0.73}, by_kind)
+    assert summary["probe_ceilings"] == {"low": 0.5, "high": 0.73} and summary["probe_ceilings_by_kind"] == by_kind
+    page = ablation.markdown(summary)
+    assert "- dot: low 50.0%, high 50.0% (the high crops do not carry it: a ceiling gap" in page
+    assert "- texture: low 54.0%, high 96.0% (carried by the high crops only" in page
+    assert "- blob: low 90.0%, high 95.0% (the low view carries it too" in page
