@@ -10,7 +10,9 @@ coarse families (modality, body region, plane, CT window), the same questions fo
 Nothing is tuned on these scores but the budget: 240 samples per variant left every variant
 at chance on fine detail while the high crops' probe ceiling was 77.5% (a learning gap, not a
 feature gap), so the default became 4x that, the most 3 seeds of L and L+M+H fit in one session
-of this CPU (docs/ablation.md; the 240-sample table is kept in docs/ablation-240/).
+of this CPU (docs/ablation.md; the 240-sample table is kept in docs/ablation-240/, and the
+960-sample table on run 13's stage 1, drawn before the fine-detail draw was balanced, in
+docs/ablation-960-v13/).
 
 Results go to docs/ablation.json (`variants` -> {fine_detail, coarse} closed accuracy as a
 fraction, per seed and averaged, plus `seeds`, budgets, n) and docs/ablation.md. Per variant and
