@@ -243,3 +243,10 @@ def test_ablation_page_names_each_kinds_gate():
     assert "- dot: low 50.0%, high 50.0% (the high crops do not carry it: a ceiling gap" in page
     assert "- texture: low 54.0%, high 96.0% (carried by the high crops only" in page
     assert "- blob: low 90.0%, high 95.0% (the low view carries it too" in page
+
+
+def test_ablation_pools_per_kind_ceilings_by_question_count():
+    """The all-kinds ceiling is the per-kind hits over all probed questions, not a plain mean."""
+    parts = [({"low": 0.5, "high": 0.5}, 24), ({"low": 0.5417, "high": 0.9583}, 24), ({"low": 1.0, "high": 1.0}, 2)]
+    assert ablation.pooled_accuracy(parts) == {"low": round(27 / 50, 4), "high": round(37 / 50, 4)}
+    assert ablation.pooled_accuracy([]) == {}

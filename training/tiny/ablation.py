@@ -537,10 +537,10 @@ def answer_cells(records: list[dict]) -> list[list[dict]]:
 
 def fine_probe_ceilings(args: argparse.Namespace, records: list[dict], cache) -> dict:
     """Fine-detail probe ceilings per crop level on the ablation's own test questions: what each
-    variant's features could tell at best, over all probed kinds ("by_level") and per kind
-    ("by_kind"), since one kind the high crops carry and one they do not average to a middling
+    variant's features could tell at best, per kind ("by_kind") and over all probed kinds
+    ("by_level"), since one kind the high crops carry and one they do not average to a middling
     ceiling that hides both (cached in the run folder; the tower is shared)."""
-    path = args.output / "probe-ceilings-by-kind.json"
+    path = args.output / "fine-probe-ceilings.json"
     if path.is_file():
         return json.loads(path.read_text())
     import torch
@@ -549,17 +549,25 @@ def fine_probe_ceilings(args: argparse.Namespace, records: list[dict], cache) ->
     from training.tiny.probe_ceilings import probe_ceilings
 
     model, processor = load_model(str(args.init), dtype=torch.float32, device_map="cpu")
-
-    def by_level(fine: list[dict]) -> dict:
-        return probe_ceilings(model, processor.image_processor, args.data, fine, cache=cache)["fine_detail_by_level"]
-
     fine = [r for r in records if r["family"] == "fine_detail"]
-    kinds = sorted({r["detail"]["kind"] for r in fine})
-    per_kind = {kind: by_level([r for r in fine if r["detail"]["kind"] == kind]) for kind in kinds}
-    result = {"by_level": by_level(fine), "by_kind": {k: v for k, v in per_kind.items() if any(v.values())}}
+    probed = {}  # kind -> (accuracy per level, questions probed); label text is not probed
+    for kind in sorted({r["detail"]["kind"] for r in fine}):
+        mine = [r for r in fine if r["detail"]["kind"] == kind]
+        found = probe_ceilings(model, processor.image_processor, args.data, mine, cache=cache)
+        if found["n"].get("fine_detail"):
+            probed[kind] = (found["fine_detail_by_level"], found["n"]["fine_detail"])
+    result = {"by_level": pooled_accuracy(list(probed.values())), "by_kind": {k: levels for k, (levels, _) in probed.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def pooled_accuracy(parts: list[tuple[dict, int]]) -> dict:
+    """Accuracy per level over several question sets, from each set's accuracy and size (each
+    task's read-out is independent of the others asked, so this is the joint probe's score)."""
+    total = sum(n for _, n in parts)
+    levels = parts[0][0] if parts else {}
+    return {level: round(sum(round(acc[level] * n) for acc, n in parts) / total, 4) for level in levels}
 
 
 def chosen_variants(text: str) -> list[str]:

@@ -157,7 +157,6 @@ def probe_ceilings(
     train = [q for q in map(as_question, load_split(data_dir, "train")) if q is not None]
     held = [q for q in map(as_question, held_out) if q is not None]
     facts = image_facts(train)
-    rng = random.Random(seed)
     by_task: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for (image, task), label in facts.items():
         by_task[task].append((image, label))
@@ -168,9 +167,11 @@ def probe_ceilings(
             features[image] = cache.features(model, image_processor, data_dir / image)
         return features[image]
 
-    needed = {task for task in (q.task for q in held)}
+    # Each task draws its training records with its own seeded generator, so a task's read-out
+    # does not depend on which other tasks are asked, nor on the set order of a process.
+    needed = sorted({q.task for q in held})
     for task in needed:
-        rng.shuffle(by_task[task])
+        random.Random(f"{seed}-{task}").shuffle(by_task[task])
         by_task[task] = by_task[task][: TRAIN_PER_FINE_FACT if task.startswith("fine_") else TRAIN_PER_FACT]
     images = sorted({image for task in needed for image, _ in by_task[task]} | {q.record["image"] for q in held})
     for image in tqdm(images, desc="probe features", file=sys.stderr, disable=len(images) < 4):
