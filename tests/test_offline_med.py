@@ -20,10 +20,9 @@ from training.offline_med import sources as offline_med_sources
 from training.offline_med.catalogue import invesalius_file
 from training.offline_med.questions import OPEN_VARIANTS, PHRASING
 from training.offline_med.render import (
-    BLOB_FRACTION,
     LABEL_FRACTION,
+    QUADRANTS,
     TEXTURES,
-    draw_blob,
     draw_label,
     draw_textured_lesion,
     upsample_canvas,
@@ -130,19 +129,6 @@ def low_and_high(canvas: Image.Image) -> tuple[np.ndarray, np.ndarray]:
             np.asarray(grey.resize((1344, 1344), Image.BICUBIC), dtype=np.float32))
 
 
-def test_tiny_dots_vanish_in_the_low_view_and_show_in_the_high_view():
-    """Draw dots on a real scan enlarged like the builder does; compare views with and without."""
-    base = offline_med_sources.fit(Image.open(offline_med_catalogue.package_file("skimage", "data/retina.jpg")))
-    rng = random.Random(3)
-    for side in (1344, 1680, 2016):
-        canvas = upsample_canvas(base, side)
-        with_dot, drawn = draw_blob(canvas, rng)
-        (low0, high0), (low1, high1) = low_and_high(canvas), low_and_high(with_dot)
-        contrast = abs(drawn.contrast)
-        assert np.abs(low1 - low0).max() < 0.45 * contrast  # a faint sub-pixel trace at most
-        assert np.abs(high1 - high0).max() > 0.8 * contrast  # clearly there when zoomed in
-
-
 def test_labels_are_a_smudge_in_the_low_view_and_legible_size_in_the_high_view():
     rng = random.Random(5)
     canvas = upsample_canvas(Image.new("L", (300, 300), 90), 1600)
@@ -170,21 +156,41 @@ def test_a_speckled_lesion_averages_to_a_uniform_one_in_the_low_view():
 
 def test_built_fine_details_are_sized_to_vanish(built, records):
     details = [r for split in SPLITS for r in records[split] if r["family"] == "fine_detail"]
-    assert {r["detail"]["kind"] for r in details} == {"dot", "label", "texture"}
+    assert {r["detail"]["kind"] for r in details} == {"label", "texture"}
     for record in details:
         side = Image.open(built / record["image"]).width
         assert side >= 1344
-        if record["detail"]["box"] is None:
-            continue
         x0, y0, x1, y1 = record["detail"]["box"]
-        if record["detail"]["kind"] == "dot":
-            assert (x1 - x0) * 224 / side < 1.0 <= (x1 - x0) * 1344 / side / 3
-        elif record["detail"]["kind"] == "texture":
+        if record["detail"]["kind"] == "texture":
             assert record["truth"] == record["detail"]["texture"] and set(record["options"]) == set(TEXTURES)
             assert (x1 - x0) * 1344 / side >= 40  # the lesion fills a good part of a high crop
         else:
             assert record["truth"] == record["detail"]["text"]
-    assert BLOB_FRACTION[1] * 224 < 1 and LABEL_FRACTION[0] * 1344 >= 7
+    assert LABEL_FRACTION[0] * 1344 >= 7
+
+
+def test_fine_detail_answers_say_where_before_what(built, records):
+    """The quadrant named first is the one the detail was drawn in (viewer's quadrants)."""
+    for record in [r for split in SPLITS for r in records[split] if r["family"] == "fine_detail"]:
+        side = Image.open(built / record["image"]).width
+        x0, y0, x1, y1 = record["detail"]["box"]
+        where = QUADRANTS[2 * int((y0 + y1) / 2 >= side / 2) + int((x0 + x1) / 2 >= side / 2)]
+        answer = record["conversations"][1]["value"]
+        assert record["detail"]["where"] == where
+        assert answer.index(f"{where} quadrant") < answer.index(record["truth"])
+
+
+def test_every_training_canvas_has_a_caption_naming_its_detail(built, records):
+    """Stage 1's captions include each training canvas (same image file) and say what its
+    detail shows; validation and test canvases get none."""
+    captions = {r["image"]: r["conversations"][1]["value"] for r in read(built, "captions")}
+    for split in SPLITS:
+        for record in [r for r in records[split] if r["family"] == "fine_detail"]:
+            if split != "train":
+                assert record["image"] not in captions
+                continue
+            text = captions[record["image"]]
+            assert f"{record['detail']['where']} quadrant" in text and record["truth"] in text
 
 
 def test_display_slices_follow_the_radiological_convention():

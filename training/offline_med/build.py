@@ -16,7 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from training.offline_med.questions import (
     complements,
     fact_samples,
     finding_samples,
+    fine_detail_caption,
     fine_detail_sample,
     laterality_sample,
     multi_turn_sample,
@@ -82,12 +83,17 @@ def view_samples(split: str, views: list[View], rng: random.Random, bal: Balance
 
 
 def fine_detail_samples(split: str, views: list[View], scale: Scale, rng: random.Random, bal: Balancer) -> Iterator[Sample]:
-    """Large canvases from this split's own views, cycling through them in a shuffled order."""
+    """Large canvases from this split's own views, cycling through them in a shuffled order;
+    in the training split each canvas also gets a caption naming its detail (stage 1)."""
     order = list(views)
     rng.shuffle(order)
     for i in range(scale.fine_detail[split] if order else 0):
         side = 16 * (rng.randrange(*scale.canvas) // 16)
-        yield fine_detail_sample(order[i % len(order)], side, rng, bal)
+        view = order[i % len(order)]
+        sample = replace(fine_detail_sample(view, side, rng, bal), image_key=f"fine-detail-{split}-{i}")
+        yield sample
+        if split == "train":
+            yield fine_detail_caption(view, sample, rng)
 
 
 @dataclass

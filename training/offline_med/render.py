@@ -18,7 +18,6 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 # CT display windows as (centre, width) in HU, the ones radiologists use for the head.
 WINDOWS = {"brain": (40, 80), "bone": (480, 2500), "soft tissue": (40, 400)}
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
-BLOB_FRACTION = (0.0025, 0.0035)  # < 0.8 low-view px, >= 3.4 high-view px
 LABEL_FRACTION = (0.0055, 0.0065)  # glyph height: ~1.3 low-view px (strokes << 1), ~8 high-view px
 LABEL_CHARS = "ACEHKLMNPRTX"
 # A round lesion of 3.5-5% of the width (~8-11 low-view px, ~60-90 high-view px), its inside
@@ -133,12 +132,6 @@ def upsample_canvas(image: Image.Image, side: int) -> Image.Image:
 def detail_position(canvas: Image.Image, rng: random.Random) -> tuple[int, int]:
     """A random position for a fine detail, anywhere on tissue but away from the border."""
     return foreground_point(canvas, rng, margin=0.06)
-
-
-def draw_blob(canvas: Image.Image, rng: random.Random) -> tuple[Image.Image, Drawn]:
-    """A tiny lesion-like dot, 0.25-0.35% of the width: gone in the low view, clear in the high."""
-    x, y = detail_position(canvas, rng)
-    return draw_disk(canvas, x, y, rng.uniform(*BLOB_FRACTION) * canvas.width, rng.uniform(80, 110))
 
 
 def draw_textured_lesion(canvas: Image.Image, texture: str, rng: random.Random) -> tuple[Image.Image, Drawn]:

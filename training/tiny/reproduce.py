@@ -8,7 +8,8 @@ recorded in the model card, never written into the recipe files:
   no trained assets) for stage 1, then the previous stage's `final/`: a rerun starts from
   scratch, not from the assets it is about to replace;
 - `data_root` / `datasets`: the offline-med set built by `training.offline_med.build` (stage 1:
-  its captions; stage 2: the naming questions only, choose-one and open (`train-naming.jsonl`,
+  its captions, of the views and of the training canvases, which name each canvas's fine
+  detail: the projector, trained alone, must learn to keep it; stage 2: the naming questions only, choose-one and open (`train-naming.jsonl`,
   no yes/no: a small LLM learns to name what it sees before it learns to check a named option,
   and a yes/no answer is built on the naming, "This is a CT, so no."); stage 3: every kind of
   training record: questions, descriptions and multi-turn chats. A stage 3 of short answers
@@ -78,7 +79,7 @@ NAMING_DATA = "train-naming.jsonl"
 # fp32), about half that with native bf16. "smoke" is for tests.
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
-        StagePlan("tiny-med-stage1", "captions.jsonl", 432, 72),
+        StagePlan("tiny-med-stage1", "captions.jsonl", 864, 144),
         StagePlan("tiny-med-stage2", NAMING_DATA, 512, 64, 5e-4, replay_every=5, turns_per_image=4),
         StagePlan("tiny-med-stage3", "train.jsonl", 1152, 96, 5e-4, replay_every=5, turns_per_image=4),
     ),
