@@ -5,7 +5,7 @@ same data order from the same starting model (`--init`), once per geometry: low 
 L+H and L+M+H. Only `Geometry.levels` differs between variants (written into each variant's
 starting `config.json` and `preprocessor_config.json`), so every difference in the scores comes
 from which views the model sees. Each variant is scored on held-out TEST questions, closed ones
-only, of the fine-detail family (tiny dots and labels that vanish in the low view) and of the
+only, of the fine-detail family (the texture inside a lesion and tiny labels, which vanish in the low view) and of the
 coarse families (modality, body region, plane, CT window), the same questions for every variant.
 Nothing is tuned on these scores but the budget: 240 samples per variant left every variant
 at chance on fine detail while the high crops' probe ceiling was 77.5% (a learning gap, not a
@@ -195,7 +195,7 @@ def variant_scores(rows: list[dict], kinds: dict[str, str]) -> dict:
 
 
 def detail_kinds(records: list[dict]) -> dict[str, str]:
-    """Fine-detail question id -> the kind of its detail (texture of a lesion, dot, label)."""
+    """Fine-detail question id -> the kind of its detail (texture of a lesion, label)."""
     return {r["id"]: r["detail"]["kind"] for r in records if r["family"] == "fine_detail" and "detail" in r}
 
 
@@ -348,8 +348,8 @@ Each (variant, seed) result and its predictions are cached under `{output}/seedS
 processes: `--seeds 2`).
 
 Scores: closed accuracy (%) on held-out TEST questions, the same ones for every variant:
-{n.get("fine_detail", "?")} fine-detail questions (a round lesion speckled or uniform inside, a 4-5 px dot or an ~8 px label on a 1344-1792 px canvas:
-yes/no and choose-one-of-2; as many of each kind, and within a kind the truth as often the first
+{n.get("fine_detail", "?")} fine-detail questions (a round lesion speckled or uniform inside, or an ~8 px label on a 1344-1792 px canvas:
+choose-one-of-2; as many of each kind, and within a kind the truth as often the first
 as the second option, so a model that gives every question the same answer scores 50%) and {n.get("coarse", "?")} coarse ones (modality, body region, plane, CT
 window). A seed sets the training order (the test questions are fixed); each variant's score is
 the mean over the seeds it finished, listed per seed.

@@ -95,8 +95,8 @@ Research demo, **not for diagnostic use**.
 offline-med (docs/offline-med.md), scale `{manifest["scale"]}`, seed {manifest["seed"]}: images
 rendered from DICOMs, photos and volumes that install offline (pydicom, pydicom-data, nibabel, scikit-image,
 Debian `invesalius-examples` and `mricron-data`), with questions whose answers are known facts
-(modality, body region, plane, CT window, laterality, atlas region, simulated findings, tiny
-dots and labels). Each closed fact question is asked of one image per option it offers
+(modality, body region, plane, CT window, laterality, atlas region, simulated findings, the
+texture inside a lesion and tiny labels on large canvases). Each closed fact question is asked of one image per option it offers
 (complementary questions), so the question text alone scores at chance and only the image tells
 the answers apart. Train / val / test are split by source image or volume. Training sources:
 {", ".join(manifest["sources"]["train"])}. Test sources: {", ".join(manifest["sources"]["test"])}.
@@ -130,7 +130,7 @@ option it commits to after its evidence is right (`closed_accuracy`); `eval.json
 `closed_accuracy_strict` (the whole answer must be the reference sentence). The probe ceiling
 of each family is a linear read-out of the frozen tower's features on the same questions:
 a family far below its ceiling has a learning gap, a ceiling near chance a data or geometry
-gap. Fine-detail dot questions read out per crop level: {fine_levels(result)}.
+gap. Fine-detail questions (lesion texture) read out per crop level: {fine_levels(result)}.
 
 Targets of issue 18: {targets(result)}
 

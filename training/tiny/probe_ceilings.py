@@ -10,10 +10,10 @@ What is read: the features the LLM receives (`FeatureCache`: the low view's toke
 medium and high crop pooled to `pooled_grid`), summarised per crop level by the mean, spread
 and maximum of each channel, so a small detail in one crop still moves the level's vector.
 What is predicted: the fact behind each question (a modality, a side, a quadrant, whether a
-lesion or a dot is there), with one classifier per fact; a question is answered from it as the
+lesion is there, the texture inside one), with one classifier per fact; a question is answered from it as the
 model must: the offered option the classifier ranks first, or "yes" when the option asked is
 the classifier's first choice. Questions about a label's text are not probed (a linear read-out
-cannot compare a crop with arbitrary strings): fine-detail ceilings cover the dot and the
+cannot compare a crop with arbitrary strings): fine-detail ceilings cover the
 lesion-texture questions.
 """
 
@@ -80,8 +80,6 @@ def as_question(record: dict) -> Question | None:
         return Question(record, family, asked, asked if truth == "yes" else None)
     if family == "finding":
         return Question(record, "finding_presence", None, truth) if yes_no else Question(record, "finding_quadrant", None, truth)
-    if family == "fine_detail" and yes_no:
-        return Question(record, "fine_dot", None, truth)
     if family == "fine_detail" and set(options or ()) == set(TEXTURES):
         return Question(record, "fine_texture", None, truth)
     return None
