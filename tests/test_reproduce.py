@@ -245,6 +245,23 @@ def test_ablation_page_names_each_kinds_gate():
     assert "- blob: low 90.0%, high 95.0% (the low view carries it too" in page
 
 
+def test_ablation_page_reads_each_kinds_score_against_its_own_ceiling():
+    """A kind scored at its ceiling is learnt, one far below is a learning gap, and a kind with
+    no ceiling (labels) is not compared with another kind's."""
+    kinds = {"L": {"label": 0.55, "texture": 0.5}, "L+M+H": {"label": 0.47, "texture": 1.0}}
+    results = [
+        {"variant": v, "seed": 0, "fine_detail": 0.7, "fine_detail_by_kind": kinds[v], "coarse": 0.6,
+         "n_fine_detail": 4, "n_coarse": 4, "train_seconds": 1.0, "last_loss": 1.0}
+        for v in ("L", "L+M+H")
+    ]
+    by_kind = {"texture": {"low": 0.44, "high": 0.94}}
+    summary = ablation.summarise(results, Namespace(samples=8, init="tiny-base", output="runs/x"), 10, {"low": 0.44, "high": 0.94}, by_kind)
+    page = ablation.markdown(summary)
+    assert "label 47.0% (no probe ceiling); texture 100.0% against the high crops' ceiling of 94.0% (learnt)" in page
+    summary["variants"]["L+M+H"]["fine_detail_by_kind"]["texture"] = 0.6
+    assert "texture 60.0% against the high crops' ceiling of 94.0% (a learning gap)" in ablation.markdown(summary)
+
+
 def test_ablation_pools_per_kind_ceilings_by_question_count():
     """The all-kinds ceiling is the per-kind hits over all probed questions, not a plain mean."""
     parts = [({"low": 0.5, "high": 0.5}, 24), ({"low": 0.5417, "high": 0.9583}, 24), ({"low": 1.0, "high": 1.0}, 2)]

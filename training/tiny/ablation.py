@@ -363,9 +363,9 @@ the mean over the seeds it finished, listed per seed.
 ## Reading it
 {high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
   counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
-  the whole answer to be the option (with LoRA adapters the model answers with the bare
-  option, so the two mostly agree).
-- Chance is 50% on every fine-detail question (yes/no or one of two labels) and 33-50% on the
+  the whole answer to be the reference sentence, its evidence included (for fine detail, the
+  quadrant it names first).
+- Chance is 50% on every fine-detail question (one of two options) and 33-50% on the
   coarse ones. With {n.get("fine_detail", "?")} fine-detail questions one standard error of an accuracy near
   50% is about {50 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points, so differences smaller than ~{100 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points are noise.
 - The budget: {summary["train_samples_per_variant"]} samples, one pass, of projector + adapters per variant. The paper's
@@ -406,22 +406,23 @@ def kind_table(summary: dict) -> str:
 
 
 def budget_reading(summary: dict) -> str:
-    """What the budget taught, read against the probe ceilings: a fine-detail score near the
-    high crops' ceiling means the LLM learnt to read them; one far below it, a learning gap."""
-    v, probe = summary["variants"], summary.get("probe_ceilings") or {}
-    if "L+M+H" not in v or "high" not in probe:
+    """What the budget taught, read kind by kind against the probe ceilings: an L+M+H score near
+    the high crops' ceiling means the LLM learnt to read that detail; one far below it, a
+    learning gap. Kinds without a ceiling (labels) are listed with their score alone."""
+    v, by_kind = summary["variants"], summary.get("probe_ceilings_by_kind") or {}
+    if "L+M+H" not in v or not by_kind:
         return ""
-    fine, ceiling = 100 * v["L+M+H"]["fine_detail"], 100 * probe["high"]
-    if fine >= ceiling - 5:
-        return (
-            f"With this budget the LLM learns to read them: L+M+H scores {fine:.1f}% on fine detail "
-            f"against the high crops' probe ceiling of {ceiling:.1f}%."
-        )
-    return (
-        f"With this budget it does not learn to read them yet: L+M+H scores {fine:.1f}% on fine "
-        f"detail against the high crops' probe ceiling of {ceiling:.1f}% (a learning gap for the "
-        "kinds the high crops carry: see the gate of each kind above)."
-    )
+    scores = v["L+M+H"].get("fine_detail_by_kind", {})
+    parts = []
+    for kind, score in sorted(scores.items()):
+        score = 100 * score
+        if kind not in by_kind or "high" not in by_kind[kind]:
+            parts.append(f"{kind} {score:.1f}% (no probe ceiling)")
+            continue
+        ceiling = 100 * by_kind[kind]["high"]
+        reading = "learnt" if score >= ceiling - 5 else "a learning gap"
+        parts.append(f"{kind} {score:.1f}% against the high crops' ceiling of {ceiling:.1f}% ({reading})")
+    return "With this budget L+M+H scores, per kind: " + "; ".join(parts) + "."
 
 
 def kind_gate(levels: dict) -> str:
