@@ -361,8 +361,8 @@ the mean over the seeds it finished, listed per seed.
 {verdict}
 {kind_table(summary)}
 ## Reading it
-{high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
-  counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
+{high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label in the lower
+  right quadrant says RC9." counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
   the whole answer to be the reference sentence, its evidence included (for fine detail, the
   quadrant it names first).
 - Chance is 50% on every fine-detail question (one of two options) and 33-50% on the
@@ -371,7 +371,7 @@ the mean over the seeds it finished, listed per seed.
 - The budget: {summary["train_samples_per_variant"]} samples, one pass, of projector + adapters per variant. The paper's
   effect needs the model to learn to read a detail from 2x2-pooled EfficientNet tokens of the
   high crops. {budget_reading(summary)} The coarse questions, which every variant can answer from
-  its low view, spread over {spread:.0f} points between variants. "train s" is wall-clock and
+  its low view, spread over {spread:.1f} points between variants. "train s" is wall-clock and
   includes time shared with other jobs (and the first variant's tower pass). This is the
   paper's comparison in miniature, not a replication of tables 1 and 3. A GPU run with
   `--samples 2000 --seeds 0,1,2` is the same command.
@@ -442,8 +442,8 @@ def start_text(init: str) -> str:
         return "`tiny-base`: SmolLM2-135M + EfficientNet-Lite0 as packaged, random calibrated projector"
     if Path(init).parts[-2:] == ("stage1", "final"):
         return (
-            f"`{init}`: tiny after reproduce-tiny's stage 1, i.e. the projector aligned on captions "
-            "with every level, the LLM as packaged; each variant then trains the projector further "
+            f"`{init}`: tiny after reproduce-tiny's stage 1, i.e. the projector aligned with every level "
+            "on captions of views and of the training canvases (which name their fine detail), the LLM as packaged; each variant then trains the projector further "
             "on its own crops"
         )
     return f"`{init}`; each variant trains the projector further on its own crops"
