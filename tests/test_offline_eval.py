@@ -178,6 +178,22 @@ def test_whole_evaluation_with_baselines(data_dir, tmp_path):
     assert {r["system"] for r in rows} == {"model", "no_image", "untrained_projector"}
 
 
+@pytest.mark.parametrize("use_image", [True, False])
+def test_batched_answers_are_the_answers_given_one_at_a_time(data_dir, tmp_path, use_image):
+    """Questions decoded together (left-padded, masked) get the answers each gets alone, in the
+    records' order, whatever the prompt lengths in a batch."""
+    from training.offline_med.evaluate import answer_all
+
+    model, processor = random_model(seed=0)
+    records = subsample(load_split(data_dir), 2)
+    cache = FeatureCache(tmp_path / "cache")
+    alone = answer_all(model, processor, records, data_dir, cache, use_image=use_image, batch_size=1)
+    together = answer_all(model, processor, records, data_dir, cache, use_image=use_image, batch_size=5)
+    assert [r["id"] for r in together] == [r["id"] for r in records]
+    assert len({len(r["question"]) for r in together}) > 1  # prompts of different lengths share a batch
+    assert [r["prediction"] for r in together] == [r["prediction"] for r in alone]
+
+
 def test_training_cli_dispatches_offline_med_to_this_evaluator(data_dir, tmp_path, capsys):
     from offline_med_fake import random_model_dir
 
