@@ -432,11 +432,12 @@ def atlas_sample(view: View, names: dict[int, str], rng: random.Random, bal: Bal
 
 def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer) -> Sample:
     """A large canvas with a detail readable only when zoomed in: the texture inside a lesion
-    (60%) or a tiny printed label (40%). The answer says where the detail is before what it
-    shows ("The lesion in the upper left quadrant is speckled inside."), meant as evidence that
-    points at the crops holding the detail; in session 18's ablation the quadrant was named
-    right only at chance (21-25%) while L+M+H read the texture at 100%, so the phrase is not yet
-    evidence the model uses (docs/tiny-default.md).
+    (60%) or a tiny printed label (40%). The answer names what the detail shows, not where it
+    is ("The lesion is speckled inside."; "The label says K7."): answers that said where first
+    ("The lesion in the upper left quadrant is ...", sessions 18-19) named the quadrant right
+    only at chance (ablation 21-25%, run 19's test answers 4 of 24) while the texture was read
+    at 89-100%, so the tiny model stated a wrong position with every right answer
+    (docs/tiny-default.md). The stage-1 caption still says where (`fine_detail_caption`).
 
     A tiny dot was asked too until session 18: no view's features carry it (linear read-out
     50% from the low, medium and high crops alike, docs/tiny-default.md), so no model could
@@ -448,7 +449,7 @@ def fine_detail_sample(view: View, side: int, rng: random.Random, bal: Balancer)
     canvas, drawn = draw_label(canvas, text, rng)
     where = quadrant(*drawn.centre, canvas.width, canvas.height)
     question = "A tiny label is printed somewhere in this image. What does it say"
-    answer = f"The label in the {where} quadrant says {text}."
+    answer = f"The label says {text}."
     if rng.random() < 0.7:
         other = text
         while other == text:
@@ -469,7 +470,7 @@ def textured_lesion_sample(view: View, canvas: Image.Image, rng: random.Random, 
     where = quadrant(*drawn.centre, canvas.width, canvas.height)
     options = TEXTURES if bal.flip("fine_texture:first") else TEXTURES[::-1]
     question = f"Look closely at the round lesion: is its inside {options[0]} or {options[1]}?"
-    turn = Turn(question, f"The lesion in the {where} quadrant is {texture} inside.", options, truth=texture)
+    turn = Turn(question, f"The lesion is {texture} inside.", options, truth=texture)
     detail = {"kind": "texture", "box": list(drawn.box), "where": where, "texture": texture}
     return Sample("fine_detail", view.source, canvas, [turn], detail=detail)
 

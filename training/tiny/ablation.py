@@ -361,10 +361,9 @@ the mean over the seeds it finished, listed per seed.
 {verdict}
 {kind_table(summary)}
 ## Reading it
-{high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label in the lower
-  right quadrant says RC9." counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
-  the whole answer to be the reference sentence, its evidence included (for fine detail, the
-  quadrant it names first).
+{high_note}- "fine detail" and "coarse" score the option an answer commits to ("The label says RC9."
+  counts as RC9; an answer naming both options or neither is wrong); "strict match" requires
+  the whole answer to be the reference sentence, its evidence included.
 - Chance is 50% on every fine-detail question (one of two options) and 33-50% on the
   coarse ones. With {n.get("fine_detail", "?")} fine-detail questions one standard error of an accuracy near
   50% is about {50 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points, so differences smaller than ~{100 / max(1, n.get("fine_detail", 1)) ** 0.5:.0f} points are noise.
