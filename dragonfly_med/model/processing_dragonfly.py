@@ -271,7 +271,7 @@ class DragonflyProcessor(ProcessorMixin):
             sample = self.build_prompt_ids(conv, plan, add_generation_prompt=add_generation_prompt)
             samples.append(self._truncate(sample, max_length))
         side = padding_side or ("right" if return_labels else "left")
-        data = self._collate(samples, side, return_labels)
+        data = self.collate(samples, side, return_labels)
         if pixel is not None:
             data["pixel_values"] = pixel["pixel_values"]
             data["num_crops"] = pixel["num_crops"]
@@ -302,9 +302,11 @@ class DragonflyProcessor(ProcessorMixin):
         sample.truncated = True
         return sample
 
-    def _collate(
-        self, samples: list[EncodedSample], side: str, return_labels: bool
+    def collate(
+        self, samples: list[EncodedSample], side: str = "left", return_labels: bool = False
     ) -> dict[str, torch.Tensor]:
+        """Pad `build_prompt_ids` samples into `input_ids` + `attention_mask` (+ `labels`): left
+        for generation, right for training."""
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         width = max(len(s.input_ids) for s in samples)

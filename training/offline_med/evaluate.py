@@ -135,31 +135,24 @@ def generate_batch(
     per token in fp32), and a batch reads them once per step for all its rows: eight questions
     cost little more than one. Padding is masked, so each answer is the one it gets alone, up to
     float rounding."""
-    rows = [
-        processor.build_prompt_ids([(question, None)], plan if embeds is not None else None).input_ids
-        for question, embeds, plan in prompts
-    ]
-    width, pad = max(map(len, rows)), processor.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
-    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    batch = processor.collate(
+        [processor.build_prompt_ids([(question, None)], plan) for question, _, plan in prompts]
+    )
     images = [embeds for _, embeds, _ in prompts if embeds is not None]
     eos = list(processor.eos_token_ids) + [
         i for i in (model.config.eos_token_ids or []) if i not in processor.eos_token_ids
     ]
     with torch.inference_mode():
         out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            **batch,
             image_embeds=images or None,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=eos,
-            pad_token_id=pad,
+            pad_token_id=processor.pad_token_id,
         )
-    return [
-        processor.tokenizer.decode(row, skip_special_tokens=True).strip()
-        for row in out[:, width:]
-    ]
+    width = batch["input_ids"].shape[1]
+    return [processor.decode(row).strip() for row in out[:, width:]]
 
 
 def with_options(rows: list[dict], data_dir: Path, split: str = "test") -> list[dict]:

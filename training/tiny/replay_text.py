@@ -73,13 +73,10 @@ def generate_answers(model_dir: Path, prompts: list[str], max_new_tokens: int, b
     pad, ends = processor.pad_token_id, set(processor.eos_token_ids)
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="replay answers", unit="batch"):
-        batch = [processor.build_prompt_ids(p).input_ids for p in prompts[start : start + batch_size]]
-        width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
-        mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch])
+        batch = processor.collate([processor.build_prompt_ids(p) for p in prompts[start : start + batch_size]])
+        width = batch["input_ids"].shape[1]
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            **batch,
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=processor.eos_token_ids,
