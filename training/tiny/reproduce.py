@@ -75,9 +75,9 @@ LORA_RANK = 16
 LORA_ALPHA = 32
 NAMING_DATA = "train-naming.jsonl"
 # Sample counts per stage (joined conversations of up to 4 questions in stages 2-3). "cpu" on a
-# 2-core CPU from scratch: ~145 min to the exported assets plus ~20 for the evaluation without
-# bf16 hardware (AVX2, fp32; run 19), 85 min in all with native bf16 (run 15, when stage 1 saw
-# half the captions); the 120-minute target of issue 18 is not met on AVX2. "smoke" is for tests.
+# 2-core CPU from scratch: ~145 min to the exported assets plus ~9 for the evaluation without
+# bf16 hardware (AVX2, fp32; runs 19-20), 85 min in all with native bf16 (run 15, when stage 1
+# saw half the captions); the 120-minute target of issue 18 is not met on AVX2. "smoke" is for tests.
 BUDGETS: dict[str, tuple[StagePlan, ...]] = {
     "cpu": (
         StagePlan("tiny-med-stage1", "captions.jsonl", 864, 144),
