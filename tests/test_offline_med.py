@@ -378,3 +378,22 @@ def test_no_held_out_source_reappears_under_another_file_name():
         for b, (split_b, tb) in thumbs.items():
             if a < b and split_a != split_b:
                 assert float(ta @ tb) < 0.95, (a, b)  # two head CTs of different patients: 0.89
+
+
+def test_an_epi_mosaic_stacks_into_a_volume_shown_as_the_scanner_stored_it():
+    """The stacked volume is RAS: its axial display is each tile exactly as stored (rows to the
+    posterior, columns to the patient's left: radiological), and its reformats are the
+    coronal and sagittal slabs the training split needs beside colin27 and Cranium."""
+    source = {s.id: s for s in offline_med_catalogue.catalogue()}["heudiconv:b0dwi-EPI"]
+    assert source.path is not None, "heudiconv missing: pip install --no-deps -r requirements-weights.txt"
+    volume, zooms, tiles = offline_med_sources.mosaic_volume(source.path)
+    assert volume.shape == (tiles[0].shape[1], tiles[0].shape[0], len(tiles)) == (150, 152, 81)
+    assert zooms == pytest.approx((1.5, 1.5, 1.5))
+    for k in (0, 40, 80):
+        np.testing.assert_array_equal(display_slice(volume, "axial", k), tiles[k])
+    views = list(source.make_views(source, random.Random(0), offline_med_sources.SCALES["small"]))
+    planes = Counter(v.plane for v in views)
+    assert planes == {"axial": 2, "coronal": 2, "sagittal": 2}
+    reformats = [v for v in views if v.plane != "axial"]
+    assert all(v.body_region is None for v in reformats)  # the region is asked of the axial tiles only
+    assert all(v.image.height < v.image.width for v in reformats)  # 122 mm of slices under a 225 mm field

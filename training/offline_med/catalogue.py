@@ -149,6 +149,10 @@ def catalogue() -> list[Source]:
         Source("heudiconv:b0dwi-EPI", "train", "MRI", "head", mosaic_views, package_file("heudiconv", "tests/data/b0dwiForFmap/b0dwi_for_fmap+00001.dcm"), "axial"),
         Source("itk:BrainT1Slice", "train", "MRI", "head", photo_views, existing(ITK_DATA / "BrainT1Slice.png"), "axial"),
         Source("itk:BrainMidSagittalSlice", "train", "MRI", "head", photo_views, existing(ITK_DATA / "BrainMidSagittalSlice.png"), "sagittal"),
+        Source("itk:FatMRISlice", "train", "MRI", "abdomen", photo_views, existing(ITK_DATA / "FatMRISlice.png"), "axial"),
+        # a T1 head volume for its three planes; region not asked (most training MRI is of the head)
+        Source("itk:KmeansTest-T1", "train", "MRI", None, mri_volume_views, existing(ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz")),
+        Source("pydicom-data:color-px-echo", "train", "ultrasound", "chest", dicom_views, pydicom_file("color-px.dcm")),
         # validation
         Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),
         Source("nibabel:mra_mip", "val", "MRI", None, dicom_views, package_file("nibabel", "nicom/tests/data/slicethickness_empty_string.dcm")),

@@ -152,18 +152,40 @@ def slide_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[Vi
         yield View(source.id, jitter(region, rng), source.modality, source.body_region)
 
 
-def mosaic_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
-    """Slices of a Siemens EPI mosaic (one DICOM holding every slice as a tile): the tile count
-    comes from the private NumberOfImagesInMosaic (0019,100A); slices from the middle half."""
-    pixels, ds = read_dicom(source.path)
+def mosaic_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float], list[np.ndarray]]:
+    """A Siemens EPI mosaic (one DICOM holding every slice as a tile) as a RAS volume, its
+    (x, y, z) voxel size in mm, and the tiles as stored. The tile count is the private
+    NumberOfImagesInMosaic (0019,100A); tile rows run to the patient's posterior and columns to
+    the left (ImageOrientationPatient of these axial scans), tiles are stored inferior first."""
+    pixels, ds = read_dicom(path)
     count = int(ds[0x0019, 0x100A].value)
     per_row = int(np.ceil(np.sqrt(count)))
     rows, cols = pixels.shape[0] // per_row, pixels.shape[1] // per_row
     tiles = [pixels[r * rows:(r + 1) * rows, c * cols:(c + 1) * cols] for r in range(per_row) for c in range(per_row)][:count]
-    middle = tiles[count // 4: count - count // 4]
+    stacked = np.stack(tiles, axis=-1).astype(np.float32)  # (posterior, left, superior)
+    ras = stacked.transpose(1, 0, 2)[::-1, ::-1, :]
+    row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
+    slice_mm = float(ds.get("SpacingBetweenSlices") or ds.SliceThickness)
+    return np.ascontiguousarray(ras), (col_mm, row_mm, slice_mm), tiles
+
+
+def mosaic_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Axial slices of an EPI mosaic (tiles from the middle half, as acquired), then coronal and
+    sagittal reformats of its volume: thin, coarse slabs like the EPI reformats a viewer shows.
+    The reformats are there for their plane; their body region is not asked (None), since head
+    MRI is already most of the training MRI and a region question on them would add to that."""
+    volume, zooms, tiles = mosaic_volume(source.path)
+    middle = tiles[len(tiles) // 4: len(tiles) - len(tiles) // 4]
     for _ in range(scale.views_2d):
         tile = middle[rng.randrange(len(middle))]
-        yield View(source.id, jitter(fit(autocontrast(tile)), rng), source.modality, source.body_region, source.plane)
+        yield View(source.id, jitter(fit(autocontrast(tile)), rng), source.modality, source.body_region, "axial")
+    mask = volume > 0.2 * np.percentile(volume, 99)
+    for plane in ("coronal", "sagittal"):
+        rows_axis, cols_axis = PLANE_SPACING[plane]
+        for index in slice_indices(mask, plane, scale.slices, rng):
+            values = display_slice(volume, plane, index)
+            image = to_display(np.asarray(autocontrast(values)), (zooms[rows_axis], zooms[cols_axis]))
+            yield View(source.id, image, source.modality, None, plane)
 
 
 def red_free(image: Image.Image) -> Image.Image:
