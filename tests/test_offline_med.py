@@ -397,3 +397,21 @@ def test_an_epi_mosaic_stacks_into_a_volume_shown_as_the_scanner_stored_it():
     reformats = [v for v in views if v.plane != "axial"]
     assert all(v.body_region is None for v in reformats)  # the region is asked of the axial tiles only
     assert all(v.image.height < v.image.width for v in reformats)  # 122 mm of slices under a 225 mm field
+
+
+def test_simulated_epi_slabs_reformat_to_thin_strips_in_every_plane():
+    """A slab of 40-70 mm of the head, resampled to EPI voxels: its coronal and sagittal
+    reformats are wide strips (no training volume gave one before), its axial slices are not."""
+    volume = np.zeros((96, 112, 90), dtype=np.float32)
+    volume[8:88, 8:104, 5:85] = 1.0 + np.random.default_rng(0).random((80, 96, 80))  # a 120 mm "head"
+    zooms = (1.5, 1.5, 1.5)
+    slab, spacing = offline_med_sources.simulated_slab(volume, zooms, random.Random(0))
+    assert 1.5 <= spacing[0] == spacing[1] <= 4.5 and 1.5 <= spacing[2] <= 4.5  # whole voxels of 1.5 mm
+    assert 40 - 2 * spacing[2] <= slab.shape[2] * spacing[2] <= 70
+    source = offline_med_sources.Source("simulated:EPI-slab-test", "train", "MRI", None, offline_med_sources.slab_views, None)
+    views = list(offline_med_sources.volume_slab_views(source, volume, zooms, random.Random(0), offline_med_sources.SCALES["full"]))
+    by_plane = {plane: [v for v in views if v.plane == plane] for plane in ("axial", "coronal", "sagittal")}
+    assert all(len(found) == 16 for found in by_plane.values())
+    assert all(v.body_region is None and v.modality == "MRI" for v in views)
+    assert all(v.image.height <= 0.7 * v.image.width for v in by_plane["coronal"] + by_plane["sagittal"])
+    assert all(v.image.height >= 0.8 * v.image.width for v in by_plane["axial"])

