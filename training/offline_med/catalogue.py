@@ -159,7 +159,6 @@ def catalogue() -> list[Source]:
         Source("simulated:EPI-slab-b0dwi", "train", "MRI", None, slab_views, b0dwi),
         Source("simulated:EPI-slab-colin27", "train", "MRI", None, slab_views, colin),
         Source("simulated:EPI-slab-T1", "train", "MRI", None, slab_views, kmeans_t1),
-        Source("pydicom-data:color-px-echo", "train", "ultrasound", "chest", dicom_views, pydicom_file("color-px.dcm")),
         # validation
         Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),
         Source("nibabel:mra_mip", "val", "MRI", None, dicom_views, package_file("nibabel", "nicom/tests/data/slicethickness_empty_string.dcm")),
