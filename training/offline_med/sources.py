@@ -179,13 +179,7 @@ def mosaic_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[V
     for _ in range(scale.views_2d):
         tile = middle[rng.randrange(len(middle))]
         yield View(source.id, jitter(fit(autocontrast(tile)), rng), source.modality, source.body_region, "axial")
-    mask = volume > 0.2 * np.percentile(volume, 99)
-    for plane in ("coronal", "sagittal"):
-        rows_axis, cols_axis = PLANE_SPACING[plane]
-        for index in slice_indices(mask, plane, scale.slices, rng):
-            values = display_slice(volume, plane, index)
-            image = to_display(np.asarray(autocontrast(values)), (zooms[rows_axis], zooms[cols_axis]))
-            yield View(source.id, image, source.modality, None, plane)
+    yield from reformat_views(source, volume, zooms, ("coronal", "sagittal"), scale.slices, rng)
 
 
 def red_free(image: Image.Image) -> Image.Image:
@@ -257,6 +251,18 @@ def to_display(values: np.ndarray, spacing: tuple[float, float], resample: int =
     scale = DISPLAY_SIDE / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return Image.fromarray(np.ascontiguousarray(values)).resize(size, resample)
+
+
+def reformat_views(source: Source, volume: np.ndarray, spacing: tuple[float, float, float], planes: tuple[str, ...], n: int, rng: random.Random) -> Iterator[View]:
+    """`n` slices per plane of a RAS head volume of voxel size `spacing`, at the physical aspect
+    and auto-contrasted, with no region (the heads these come from need no more region questions)."""
+    mask = volume > 0.2 * np.percentile(volume, 99)
+    for plane in planes:
+        rows_axis, cols_axis = PLANE_SPACING[plane]
+        for index in slice_indices(mask, plane, n, rng):
+            values = display_slice(volume, plane, index)
+            image = to_display(np.asarray(autocontrast(values)), (spacing[rows_axis], spacing[cols_axis]))
+            yield View(source.id, image, source.modality, None, plane)
 
 
 def read_inv3(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -472,13 +478,8 @@ def slab_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[Vie
 
 
 def volume_slab_views(source: Source, volume: np.ndarray, zooms: tuple[float, float, float], rng: random.Random, scale: Scale) -> Iterator[View]:
+    """`slab_views` of a volume already loaded: `scale.slices` slices per plane in all."""
     per_slab = max(1, scale.slices // SLABS_PER_VOLUME)
     for _ in range(SLABS_PER_VOLUME):
         slab, spacing = simulated_slab(volume, zooms, rng)
-        mask = slab > 0.2 * np.percentile(slab, 99)
-        for plane in PLANE_AXIS:
-            rows_axis, cols_axis = PLANE_SPACING[plane]
-            for index in slice_indices(mask, plane, per_slab, rng):
-                values = display_slice(slab, plane, index)
-                image = to_display(np.asarray(autocontrast(values)), (spacing[rows_axis], spacing[cols_axis]))
-                yield View(source.id, image, source.modality, None, plane)
+        yield from reformat_views(source, slab, spacing, tuple(PLANE_AXIS), per_slab, rng)
