@@ -163,6 +163,7 @@ def catalogue() -> list[Source]:
         Source("pydicom:examples_palette", "val", "ultrasound", None, dicom_views, pydicom_file("examples_palette.dcm")),
         Source("nibabel:mra_mip", "val", "MRI", None, dicom_views, package_file("nibabel", "nicom/tests/data/slicethickness_empty_string.dcm")),
         Source("nibabel:anatomical", "val", "MRI", "head", mri_volume_views, package_file("nibabel", "tests/data/anatomical.nii")),
+        Source("pydicom-data:color-px-echo", "val", "ultrasound", "chest", dicom_views, pydicom_file("color-px.dcm")),
         Source("pydicom-data:RG3", "val", "X-ray", None, dicom_views, pydicom_file("RG3_UNCR.dcm")),
         # test
         Source("pydicom:J2K_pixelrep_mismatch", "test", "CT", "head", dicom_views, pydicom_file("J2K_pixelrep_mismatch.dcm"), "axial"),
