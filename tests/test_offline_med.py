@@ -405,7 +405,7 @@ def test_simulated_epi_slabs_reformat_to_thin_strips_in_every_plane():
     volume = np.zeros((96, 112, 90), dtype=np.float32)
     volume[8:88, 8:104, 5:85] = 1.0 + np.random.default_rng(0).random((80, 96, 80))  # a 120 mm "head"
     zooms = (1.5, 1.5, 1.5)
-    slab, spacing = offline_med_sources.simulated_slab(volume, zooms, random.Random(0))
+    slab, spacing = offline_med_sources.simulated_slab(volume, zooms, offline_med_sources.head_extent(volume), random.Random(0))
     assert 1.5 <= spacing[0] == spacing[1] <= 4.5 and 1.5 <= spacing[2] <= 4.5  # whole voxels of 1.5 mm
     assert 40 - 2 * spacing[2] <= slab.shape[2] * spacing[2] <= 70
     source = offline_med_sources.Source("simulated:EPI-slab-test", "train", "MRI", None, offline_med_sources.slab_views, None)

@@ -235,6 +235,11 @@ PLANE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 PLANE_SPACING = {"axial": (1, 0), "coronal": (2, 0), "sagittal": (2, 1)}  # (row axis, column axis)
 
 
+def head_mask(volume: np.ndarray) -> np.ndarray:
+    """Voxels brighter than a fifth of the 99th percentile: the head, not the air around it."""
+    return volume > 0.2 * np.percentile(volume, 99)
+
+
 def slice_indices(mask: np.ndarray, plane: str, n: int, rng: random.Random) -> list[int]:
     """`n` slice positions spread over the slices that hold at least 30% of the peak object area."""
     axis = PLANE_AXIS[plane]
@@ -256,7 +261,7 @@ def to_display(values: np.ndarray, spacing: tuple[float, float], resample: int =
 def reformat_views(source: Source, volume: np.ndarray, spacing: tuple[float, float, float], planes: tuple[str, ...], n: int, rng: random.Random) -> Iterator[View]:
     """`n` slices per plane of a RAS head volume of voxel size `spacing`, at the physical aspect
     and auto-contrasted, with no region (the heads these come from need no more region questions)."""
-    mask = volume > 0.2 * np.percentile(volume, 99)
+    mask = head_mask(volume)
     for plane in planes:
         rows_axis, cols_axis = PLANE_SPACING[plane]
         for index in slice_indices(mask, plane, n, rng):
@@ -317,6 +322,12 @@ def radiograph_views(source: Source, rng: random.Random, scale: Scale) -> Iterat
         yield View(source.id, jitter(image, rng), source.modality, source.body_region)
 
 
+def voxel_size(affine: np.ndarray) -> tuple[float, float, float]:
+    """The (x, y, z) voxel size in mm of an affine's axes."""
+    x, y, z = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return float(x), float(y), float(z)
+
+
 def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A 3D volume in RAS orientation and its affine (first volume of a 4D series)."""
     import nibabel as nib
@@ -344,8 +355,8 @@ def mri_volume_views(source: Source, rng: random.Random, scale: Scale) -> Iterat
     """Axial, coronal and sagittal slices of a brain MRI, with the midline and (for Colin27)
     the AAL label of every pixel."""
     volume, affine = load_nifti(source.path)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    mask = volume > 0.2 * np.percentile(volume, 99)
+    zooms = voxel_size(affine)
+    mask = head_mask(volume)
     atlas, atlas_affine = load_atlas() if source.atlas else (None, None)
     if source.atlas:
         midline_i = -affine[0, 3] / affine[0, 0]  # world x = 0 in MNI space
@@ -443,15 +454,20 @@ def block_mean(volume: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     return cropped.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2]).mean(axis=(1, 3, 5))
 
 
-def simulated_slab(volume: np.ndarray, zooms: tuple[float, float, float], rng: random.Random) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A partial-coverage EPI-like slab of a RAS head volume: 40-70 mm of it around the middle of
-    the head, resampled to 2-4 mm slices and 2-3.5 mm pixels. Its coronal and sagittal
-    reformats are the thin, wide strips a viewer shows for such a series."""
+def head_extent(volume: np.ndarray) -> tuple[int, int]:
+    """The first and last axial slice holding any of the head."""
+    filled = np.nonzero(head_mask(volume).sum(axis=(0, 1)))[0]
+    return int(filled.min()), int(filled.max())
+
+
+def simulated_slab(volume: np.ndarray, zooms: tuple[float, float, float], extent: tuple[int, int], rng: random.Random) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A partial-coverage EPI-like slab of a RAS head volume whose head spans the axial slices
+    `extent` (`head_extent`): 40-70 mm of it around the middle of the head, resampled to 2-4 mm
+    slices and 2-3.5 mm pixels. Its coronal and sagittal reformats are the thin, wide strips a
+    viewer shows for such a series."""
     in_plane = max(1, round(rng.uniform(*SLAB_PIXEL_MM) / zooms[0]))
     through = max(1, round(rng.uniform(*SLAB_SPACING_MM) / zooms[2]))
-    mask = volume > 0.2 * np.percentile(volume, 99)
-    filled = np.nonzero(mask.sum(axis=(0, 1)))[0]
-    low, high = int(filled.min()), int(filled.max())
+    low, high = extent
     centre = rng.uniform(low + 0.35 * (high - low), low + 0.65 * (high - low))
     half = rng.uniform(*SLAB_MM) / zooms[2] / 2
     start, stop = max(0, round(centre - half)), min(volume.shape[2], round(centre + half))
@@ -465,8 +481,7 @@ def head_volume(source: Source) -> tuple[np.ndarray, tuple[float, float, float]]
         volume, zooms, _ = mosaic_volume(source.path)
         return volume, zooms
     volume, affine = load_nifti(source.path)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    return volume, (float(zooms[0]), float(zooms[1]), float(zooms[2]))
+    return volume, voxel_size(affine)
 
 
 def slab_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[View]:
@@ -480,6 +495,7 @@ def slab_views(source: Source, rng: random.Random, scale: Scale) -> Iterator[Vie
 def volume_slab_views(source: Source, volume: np.ndarray, zooms: tuple[float, float, float], rng: random.Random, scale: Scale) -> Iterator[View]:
     """`slab_views` of a volume already loaded: `scale.slices` slices per plane in all."""
     per_slab = max(1, scale.slices // SLABS_PER_VOLUME)
+    extent = head_extent(volume)
     for _ in range(SLABS_PER_VOLUME):
-        slab, spacing = simulated_slab(volume, zooms, rng)
+        slab, spacing = simulated_slab(volume, zooms, extent, rng)
         yield from reformat_views(source, slab, spacing, tuple(PLANE_AXIS), per_slab, rng)
